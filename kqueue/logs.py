@@ -1,0 +1,58 @@
+"""One log line per event, as text or JSON, carrying the task's facts as fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["configure", "fields"]
+
+_FIELDS = "kqueue_fields"
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """The `extra=` of a log call whose `values` are shown as the event's fields."""
+    return {_FIELDS: values}
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        values = getattr(record, _FIELDS, None)
+        if values:
+            line += " " + " ".join(f"{key}={value}" for key, value in values.items())
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, _FIELDS, None) or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(level: int = logging.INFO, fmt: str = "text") -> None:
+    """Send kqueue's logs (and Kombu's warnings) to standard error."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("kqueue").setLevel(level)

@@ -1,0 +1,97 @@
+"""The wire format: how a task's body is read and what kqueue's headers mean."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kombu.message import Message
+
+from kqueue.producer import Outgoing
+
+__all__ = [
+    "ACCEPT",
+    "ATTEMPT",
+    "DELIVERIES",
+    "ERROR",
+    "ORIGIN",
+    "REASON",
+    "REDELIVERED",
+    "RETRY_AT",
+    "copy_of",
+    "decode_task",
+]
+
+#: Content types a worker accepts: the tutorial's text, bodies from plain AMQP
+#: clients (no content type, which Kombu calls ``application/data``) and JSON.
+#: Never pickle.
+ACCEPT = ["text/plain", "application/data", "application/json"]
+
+#: Which run of the handler this is: 1 for the first, 2 for the first retry...
+ATTEMPT = "x-kqueue-attempt"
+#: How many times the task was delivered before this copy of it was published,
+#: counted by kqueue where the queue does not count (quorum queues send
+#: ``x-delivery-count``, the deliveries of this very message before this one).
+DELIVERIES = "x-kqueue-deliveries"
+#: The copy stands for a redelivered message (a republished copy is not).
+REDELIVERED = "x-kqueue-redelivered"
+#: Unix time before which a retry must not run.
+RETRY_AT = "x-kqueue-retry-at"
+#: On a dead letter: why it is there, the last error, and the queue it came from.
+REASON = "x-kqueue-reason"
+ERROR = "x-kqueue-error"
+ORIGIN = "x-kqueue-queue"
+#: RabbitMQ's own count of earlier deliveries, on quorum queues.
+QUORUM_DELIVERY_COUNT = "x-delivery-count"
+
+
+def headers_of(message: Message) -> dict[str, Any]:
+    return dict(message.headers or {})
+
+
+def decode_task(message: Message) -> str:
+    """The task text of a message.
+
+    Raises:
+        kombu.exceptions.ContentDisallowed: a content type outside `ACCEPT`.
+        kombu.exceptions.DecodeError: a body that is not what its type says.
+    """
+    payload = message.decode()
+    if isinstance(payload, bytes):  # pragma: no cover - Kombu decodes text types to str
+        return payload.decode("utf-8")
+    if isinstance(payload, str):
+        return payload
+    # JSON that is not a string: the handler gets the JSON text itself.
+    return json.dumps(payload)
+
+
+def is_redelivered(message: Message) -> bool:
+    return bool(message.delivery_info.get("redelivered") or headers_of(message).get(REDELIVERED))
+
+
+def deliveries(message: Message) -> int:
+    """How many times this task has been delivered, this delivery included."""
+    headers = headers_of(message)
+    return int(headers.get(DELIVERIES, 0)) + int(headers.get(QUORUM_DELIVERY_COUNT, 0)) + 1
+
+
+def attempt(message: Message) -> int:
+    return int(headers_of(message).get(ATTEMPT, 1))
+
+
+def copy_of(message: Message, routing_key: str, changes: dict[str, Any]) -> Outgoing:
+    """The message's body, content type and headers, with `changes` to the headers.
+
+    A header changed to None is removed.
+    """
+    headers = headers_of(message)
+    headers.pop(QUORUM_DELIVERY_COUNT, None)
+    for key, value in changes.items():
+        if value is None:
+            headers.pop(key, None)
+        else:
+            headers[key] = value
+    content_type = message.content_type or "application/data"
+    encoding = message.content_encoding or ("binary" if not message.content_type else "utf-8")
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode("utf-8")
+    return Outgoing(body, routing_key, content_type, encoding, headers or None)

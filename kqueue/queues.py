@@ -1,0 +1,93 @@
+"""The task queue's one definition, which the producer and the worker both declare."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from kqueue.errors import queue_mismatch
+
+__all__ = ["DEFAULT_QUEUE", "QueueType", "dead_letter_queue", "declare", "messages_ready", "task_queue"]
+
+DEFAULT_QUEUE = "task_queue"
+#: Appended to a task queue's name to name its dead-letter queue.
+DEAD_SUFFIX = ".dead"
+
+
+class QueueType(str, Enum):
+    """RabbitMQ queue types kqueue declares.
+
+    ``classic`` is the tutorial's queue and carries no arguments, so a queue
+    declared by the tutorial's own code is the same queue. ``quorum`` is
+    replicated, what a RabbitMQ cluster needs; other brokers ignore the type.
+    """
+
+    CLASSIC = "classic"
+    QUORUM = "quorum"
+
+    def arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self is QueueType.QUORUM else {}
+
+
+def task_queue(name: str = DEFAULT_QUEUE, queue_type: QueueType = QueueType.CLASSIC) -> Queue:
+    """The durable queue named `name` on the default exchange, routing key = name."""
+    return Queue(
+        name,
+        exchange=Exchange(""),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments=queue_type.arguments() or None,
+    )
+
+
+def dead_letter_queue(queue: Queue) -> Queue:
+    """Where tasks of `queue` go when they cannot be done: same type, ``<name>.dead``."""
+    name = f"{queue.name}{DEAD_SUFFIX}"
+    return Queue(
+        name,
+        exchange=Exchange(""),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments=queue.queue_arguments,
+    )
+
+
+def declare(conn: Connection, queue: Queue) -> None:
+    """Declare `queue` on a channel of its own.
+
+    Raises:
+        QueueMismatch: the queue exists with other arguments (RabbitMQ refuses
+            the declaration and closes the channel).
+    """
+    channel = conn.channel()
+    try:
+        queue(channel).declare()
+    except conn.channel_errors as exc:
+        mismatch = queue_mismatch(exc)
+        if mismatch is not None:
+            raise mismatch from None
+        raise
+    finally:
+        _close_quietly(channel)
+
+
+def messages_ready(channel: Any, queue: Queue) -> int:
+    """Messages waiting in `queue`, not counting those handed to consumers.
+
+    Kombu's virtual transports (Redis, memory) delete an empty queue's key, so
+    their passive declare fails where RabbitMQ's says 0: ask them for the size.
+    """
+    if hasattr(channel, "_size"):
+        return int(channel._size(queue.name))
+    return int(queue(channel).queue_declare(passive=True).message_count)
+
+
+def _close_quietly(channel: Any) -> None:
+    try:
+        channel.close()
+    except Exception:  # noqa: BLE001 - the channel may already be closed by the broker
+        pass
