@@ -17,7 +17,9 @@ def tool(name: str) -> str:
     return str(BIN / name)
 
 
-def run_send(url: str, queue: str, *args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run_send(
+    url: str, queue: str, *args: str, timeout: float = 60, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
     """Run kqueue-send to completion."""
     return subprocess.run(
         [tool("kqueue-send"), "--broker", url, "--queue", queue, *args],
