@@ -132,7 +132,7 @@ class Sender:
                 return self.confirmed - start
             except (*self.connection.recoverable_connection_errors, OSError) as exc:
                 deadline = deadline or time.monotonic() + self.reconnect_for
-                self._lost(exc, deadline, start)
+                self._lost(exc, deadline)
 
     # -- the publish loop ----------------------------------------------------
 
@@ -146,8 +146,24 @@ class Sender:
         self._await_confirms(0, on_confirmed)
 
     def _publish_one(self, message: Outgoing, on_confirmed: Callable[[int], None] | None) -> None:
-        assert self._producer is not None
+        # Counted as unconfirmed before it goes out: if the publish itself fails,
+        # it is sent again after the reconnect like any other unconfirmed one.
+        tag = self._next_tag
+        self._unconfirmed[tag] = message
+        self._next_tag += 1
         self._declare(message.routing_key)
+        self._send(message)
+        if not self._confirms:
+            # A publish that returned is as confirmed as this transport gets.
+            del self._unconfirmed[tag]
+            self.confirmed += 1
+            if on_confirmed is not None:
+                on_confirmed(self.confirmed)
+        elif len(self._unconfirmed) >= self.window:
+            self._await_confirms(self.window // 2, on_confirmed)
+
+    def _send(self, message: Outgoing) -> None:
+        assert self._producer is not None
         self._producer.publish(
             message.body,
             routing_key=message.routing_key,
@@ -157,15 +173,6 @@ class Sender:
             delivery_mode=2,
             mandatory=self._confirms,
         )
-        if not self._confirms:
-            self.confirmed += 1
-            if on_confirmed is not None:
-                on_confirmed(self.confirmed)
-            return
-        self._unconfirmed[self._next_tag] = message
-        self._next_tag += 1
-        if len(self._unconfirmed) >= self.window:
-            self._await_confirms(self.window // 2, on_confirmed)
 
     def _await_confirms(self, at_most: int, on_confirmed: Callable[[int], None] | None) -> None:
         """Drain the connection until no more than `at_most` messages are unconfirmed."""
@@ -212,16 +219,7 @@ class Sender:
         for message in nacked:
             self._unconfirmed[self._next_tag] = message
             self._next_tag += 1
-            assert self._producer is not None
-            self._producer.publish(
-                message.body,
-                routing_key=message.routing_key,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                headers=dict(message.headers) if message.headers else None,
-                delivery_mode=2,
-                mandatory=True,
-            )
+            self._send(message)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.append(routing_key)
@@ -268,7 +266,7 @@ class Sender:
             declare(self.connection, self._queues[routing_key])
         self._declared.add(routing_key)
 
-    def _lost(self, exc: BaseException, deadline: float, start: int) -> None:
+    def _lost(self, exc: BaseException, deadline: float) -> None:
         """The connection broke: drop the channel and wait for the broker, or give up."""
         self._channel, self._producer = None, None
         try:
@@ -281,8 +279,7 @@ class Sender:
             if remaining <= 0:
                 raise PublishFailed(
                     f"lost the connection to broker {self._where} ({exc or type(exc).__name__}) "
-                    f"and it did not come back within {self.reconnect_for:.0f}s; "
-                    f"{self.confirmed - start} messages were confirmed",
+                    f"and it did not come back within {self.reconnect_for:g}s",
                     self.confirmed,
                 ) from None
             log.warning("connection to %s lost (%s); reconnecting", self._where, exc)
