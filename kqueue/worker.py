@@ -153,9 +153,27 @@ class _Pool:
         self._jobs: SimpleQueue[Task | None] = SimpleQueue()
         self._lock = threading.Lock()
         self._run = run
-        self._threads = [threading.Thread(target=self._loop, name=f"kqueue-task-{i}", daemon=True) for i in range(size)]
-        for thread in self._threads:
-            thread.start()
+        self._size = 0
+        self._surplus = 0
+        self._names = itertools.count()
+        self._start(size)
+
+    def _start(self, count: int) -> None:
+        for _ in range(count):
+            name = f"kqueue-task-{next(self._names)}"
+            threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self._size += count
+
+    def grow(self, count: int) -> None:
+        """Add threads for tasks whose channel is gone but whose handlers still run.
+
+        Their results cannot be acked, but they hold a thread: without more,
+        the tasks of the new channel would wait behind them. The pool shrinks
+        back as threads finish.
+        """
+        with self._lock:
+            self._surplus += count
+        self._start(count)
 
     def submit(self, task: Task) -> None:
         self._jobs.put(task)
@@ -169,7 +187,7 @@ class _Pool:
             return True
 
     def shutdown(self) -> None:
-        for _ in self._threads:
+        for _ in range(self._size):
             self._jobs.put(None)
 
     def _loop(self) -> None:
@@ -179,6 +197,11 @@ class _Pool:
                     continue
                 task.state = "running"
             self._run(task)
+            with self._lock:
+                if self._surplus > 0:
+                    self._surplus -= 1
+                    self._size -= 1
+                    return
 
 
 class Worker(ConsumerMixin):
@@ -420,7 +443,8 @@ class Worker(ConsumerMixin):
             self._inflight.pop(id(task), None)
             if task.generation != self._generation:
                 log.warning(
-                    "task finished after its connection was lost; the broker will deliver it again",
+                    "task finished after its channel was closed, so it cannot be acked: "
+                    "the broker delivers it again, if it has not already",
                     extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"),
                 )
                 continue
@@ -578,8 +602,11 @@ class Worker(ConsumerMixin):
         if self._waker.fd in ready:
             self._waker.clear()
         if sock in ready:
+            # One frame, not drain_events(): that keeps reading until a whole
+            # method arrives, so the broker's heartbeats would keep it (and
+            # ours) waiting for as long as no message comes.
             try:
-                conn.drain_events(timeout=1.0)
+                conn.connection.blocking_read(timeout=1.0)
             except TimeoutError:
                 pass
         now = time.monotonic()
@@ -622,6 +649,7 @@ class Worker(ConsumerMixin):
                 extra=fields(queue=self.queue.name, broker=self._where, error=exc or type(exc).__name__),
             )
         # Whatever was delivered on the old channel is the broker's to deliver again.
+        self._pool.grow(running)
         for task in list(self._inflight.values()):
             task.generation = -1
         self._inflight.clear()
