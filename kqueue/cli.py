@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -129,9 +130,23 @@ def _connect(broker_url: str, queue_name: str, queue_type: str, heartbeat: float
     metavar="PATH",
     help="Send one message per line of PATH ('-' for standard input); blank lines are skipped.",
 )
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="If the broker goes away mid-batch, how long to keep reconnecting before giving up.",
+)
 @broker_options
 def send_main(
-    words: tuple[str, ...], path: Any, broker_url: str, queue_name: str, queue_type: str, verbose: bool
+    words: tuple[str, ...],
+    path: Any,
+    retry_for: float,
+    broker_url: str,
+    queue_name: str,
+    queue_type: str,
+    verbose: bool,
 ) -> None:
     """Send a task: the WORDS joined by spaces, or 'Hello World!'.
 
@@ -143,10 +158,13 @@ def send_main(
     if path is not None and words:
         raise click.UsageError("give either WORDS or --file, not both")
     conn, queue = _connect(broker_url, queue_name, queue_type)
-    with conn, Sender(conn, queue) as sender:
+    with conn, Sender(conn, queue, reconnect_for=retry_for) as sender:
         if path is None:
             message = " ".join(words) or "Hello World!"
-            sender.send(message)
+            try:
+                sender.send(message)
+            except PublishFailed as exc:
+                raise KQueueError(f"{exc}: {message!r} was not confirmed") from None
             click.echo(f" [x] Sent {message!r}")
             return
         lines = [line.rstrip("\r\n") for line in path]
@@ -155,7 +173,7 @@ def send_main(
             with _progress(len(texts)) as progress:
                 sent = sender.send_many(texts, on_confirmed=progress)
         except PublishFailed as exc:
-            raise KQueueError(f"{exc} (confirmed {exc.confirmed} of {len(texts)} messages)") from None
+            raise KQueueError(f"{exc}; confirmed {exc.confirmed} of {len(texts)} messages") from None
         click.echo(f" [x] Sent {sent} messages to {queue.name!r}")
 
 
@@ -291,6 +309,9 @@ def work_main(
 def _handler(path: str | None, dot_seconds: float) -> Handler:
     if path is None:
         return dot_handler(dot_seconds)
+    # As with `python -m`, the user's own modules in the current folder import.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return load_handler(path)
     except KQueueError as exc:
@@ -346,9 +367,88 @@ class _stop_on_signals:
 @click.group("kqueue", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="kqueue")
 def admin_main() -> None:
-    """Inspect and manage kqueue's queues."""
+    """Inspect and look after kqueue's queues."""
 
 
-def _lines(rows: Iterator[str]) -> None:
+@admin_main.command("stat")
+@click.option(
+    "--management-url",
+    envvar="KQUEUE_MANAGEMENT_URL",
+    metavar="URL",
+    help="RabbitMQ management API, for unacknowledged counts  [default: the broker's host, port 15672].",
+)
+@broker_options
+def stat_command(management_url: str | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Messages ready, unacknowledged and consumers, for the queue and its dead letters.
+
+    '?' where the broker cannot tell.
+    """
+    from kqueue.admin import queue_stats
+
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    conn, queue = _connect(broker_url, queue_name, queue_type)
+    with conn:
+        rows = queue_stats(conn, queue, management_url)
+    width = max(len("queue"), *(len(row.name) for row in rows))
+    click.echo(f"{'queue':<{width}}  {'ready':>7}  {'unacked':>7}  {'consumers':>9}")
     for row in rows:
-        click.echo(row)
+        click.echo(f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}")
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+@admin_main.group("dead")
+def dead_group() -> None:
+    """The tasks that went to <queue>.dead: failed too often, undecodable, or delivered too often."""
+
+
+@dead_group.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Show at most N.")
+@broker_options
+def dead_list_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Show the dead letters, oldest first; they stay where they are."""
+    from kqueue.admin import dead_letters
+
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    conn, queue = _connect(broker_url, queue_name, queue_type)
+    with conn:
+        letters = dead_letters(conn, queue, limit)
+    for letter in letters:
+        click.echo(f"{letter.text!r}  reason={letter.reason} attempts={letter.attempts} error={letter.error}")
+    click.echo(f"{len(letters)} dead letters in {queue.name}.dead")
+
+
+@dead_group.command("retry")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Move at most N.")
+@broker_options
+def dead_retry_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Move dead letters back to the queue, for a fresh start once their cause is fixed."""
+    from kqueue.admin import retry_dead
+
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    conn, queue = _connect(broker_url, queue_name, queue_type)
+    with conn:
+        moved = retry_dead(conn, queue, limit)
+    click.echo(f"moved {moved} dead letters back to {queue.name}")
+
+
+@admin_main.command("purge")
+@click.option("--dead", is_flag=True, help="Purge <queue>.dead instead of the queue.")
+@click.option("--yes", is_flag=True, help="Do it: the tasks are gone for good.")
+@broker_options
+def purge_command(dead: bool, yes: bool, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Delete every waiting task of the queue (or of its dead letters)."""
+    from kqueue.admin import purge
+    from kqueue.queues import dead_letter_queue
+
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    if not yes:
+        raise click.UsageError("purging deletes tasks for good: add --yes")
+    conn, queue = _connect(broker_url, queue_name, queue_type)
+    with conn:
+        target = dead_letter_queue(queue) if dead else queue
+        declare(conn, target)
+        count = purge(conn, target)
+    click.echo(f"purged {count} messages from {target.name}")

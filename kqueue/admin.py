@@ -1,0 +1,215 @@
+"""Looking after queues: what they hold, and moving dead letters back once their cause is fixed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from kombu import Connection, Queue
+from kombu.message import Message
+
+from kqueue import message as wire
+from kqueue.brokers import is_amqp, mask
+from kqueue.errors import KQueueError
+from kqueue.producer import Sender
+from kqueue.queues import dead_letter_queue, declare, messages_ready
+
+__all__ = ["DeadLetter", "QueueStats", "dead_letters", "management_url_for", "purge", "queue_stats", "retry_dead"]
+
+#: kqueue's own headers, dropped when a dead letter goes back to its queue for a fresh start.
+_KQUEUE_HEADERS = (
+    wire.ATTEMPT,
+    wire.DELIVERIES,
+    wire.REDELIVERED,
+    wire.RETRY_AT,
+    wire.REASON,
+    wire.ERROR,
+    wire.ORIGIN,
+)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What a queue holds. None where the broker cannot tell."""
+
+    name: str
+    ready: int
+    unacked: int | None
+    consumers: int | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    text: str
+    reason: str
+    error: str
+    attempts: int
+    origin: str
+
+
+def management_url_for(broker_url: str) -> str:
+    """RabbitMQ's management API on the broker's host, default port, same credentials."""
+    parts = urlsplit(broker_url)
+    user, password = parts.username or "guest", parts.password or "guest"
+    return f"http://{quote(user)}:{quote(password)}@{parts.hostname or 'localhost'}:15672"
+
+
+def queue_stats(conn: Connection, queue: Queue, management_url: str | None = None) -> list[QueueStats]:
+    """Ready, unacknowledged and consumers for `queue` and its dead-letter queue.
+
+    On RabbitMQ the unacknowledged count comes from the management API when it
+    answers (`management_url`, by default the broker's host on port 15672);
+    without it that count is unknown. On Redis it is counted from Kombu's
+    record of unacknowledged deliveries; consumers are unknown there.
+    """
+    queues = [queue, dead_letter_queue(queue)]
+    if is_amqp(conn):
+        api = _Management(management_url or management_url_for(conn.as_uri(include_password=True)), conn)
+        return [_amqp_stats(conn, q, api) for q in queues]
+    return [_virtual_stats(conn, q) for q in queues]
+
+
+def _amqp_stats(conn: Connection, queue: Queue, api: _Management) -> QueueStats:
+    from_api = api.queue(queue.name)
+    if from_api is not None:
+        return QueueStats(
+            queue.name,
+            int(from_api.get("messages_ready", 0)),
+            int(from_api.get("messages_unacknowledged", 0)),
+            int(from_api.get("consumers", 0)),
+        )
+    with _channel(conn) as channel:
+        try:
+            declared = channel.queue_declare(queue.name, passive=True)
+        except conn.channel_errors:
+            return QueueStats(queue.name, 0, 0, 0)
+    return QueueStats(queue.name, declared.message_count, None, declared.consumer_count)
+
+
+def _virtual_stats(conn: Connection, queue: Queue) -> QueueStats:
+    channel = conn.default_channel
+    unacked = None
+    client = getattr(channel, "client", None)
+    if client is not None:  # Redis: Kombu keeps unacked deliveries in one hash for all queues
+        unacked = 0
+        for raw in client.hvals(channel.unacked_key):
+            _, _, routing_key = json.loads(raw)
+            unacked += routing_key == queue.name
+    return QueueStats(queue.name, messages_ready(channel, queue), unacked, None)
+
+
+class _Management:
+    """The few reads kqueue makes of RabbitMQ's management API."""
+
+    def __init__(self, url: str, conn: Connection) -> None:
+        parts = urlsplit(url)
+        self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
+        token = base64.b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {token}"}
+        self.vhost = conn.virtual_host or "/"
+        self.available = True
+
+    def queue(self, name: str) -> dict[str, Any] | None:
+        if not self.available:
+            return None
+        url = f"{self.base}/api/queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers), timeout=5) as reply:
+                found: dict[str, Any] = json.load(reply)
+                return found
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return {}
+            self.available = False
+        except (urllib.error.URLError, OSError, ValueError):
+            self.available = False
+        return None
+
+
+@contextmanager
+def _channel(conn: Connection) -> Iterator[Any]:
+    channel = conn.channel()
+    try:
+        yield channel
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - a channel the broker closed is closed
+            pass
+
+
+def _drain(conn: Connection, queue: Queue, limit: int | None) -> Iterator[Message]:
+    """Fetch messages one by one (unacknowledged) until the queue is empty or `limit`."""
+    declare(conn, queue)
+    bound = queue(conn.default_channel)
+    taken = 0
+    while limit is None or taken < limit:
+        message = bound.get(no_ack=False, accept=wire.ACCEPT)
+        if message is None:
+            return
+        taken += 1
+        yield message
+
+
+def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> list[DeadLetter]:
+    """The dead letters of `queue`, oldest first; they stay where they are."""
+    found: list[DeadLetter] = []
+    held: list[Message] = []
+    try:
+        for message in _drain(conn, dead_letter_queue(queue), limit):
+            held.append(message)
+            headers = wire.headers_of(message)
+            try:
+                text = wire.decode_task(message)
+            except Exception:  # noqa: BLE001 - undecodable letters are listed by their bytes
+                text = repr(message.body)
+            found.append(
+                DeadLetter(
+                    text,
+                    str(headers.get(wire.REASON, "?")),
+                    str(headers.get(wire.ERROR, "")),
+                    int(headers.get(wire.ATTEMPT, 1)),
+                    str(headers.get(wire.ORIGIN, queue.name)),
+                )
+            )
+    finally:
+        for message in held:
+            message.requeue()
+    return found
+
+
+def retry_dead(
+    conn: Connection, queue: Queue, limit: int | None = None, on_moved: Callable[[int], None] | None = None
+) -> int:
+    """Move dead letters back to the queue they came from, each confirmed before it leaves.
+
+    They start afresh: kqueue's attempt and delivery counts are dropped.
+    """
+    moved = 0
+    with Sender(conn, queue, reconnect_for=0) as sender:
+        for message in _drain(conn, dead_letter_queue(queue), limit):
+            origin = str(wire.headers_of(message).get(wire.ORIGIN, queue.name))
+            if origin != queue.name:
+                message.requeue()
+                raise KQueueError(f"dead letter came from {origin!r}, not {queue.name!r}: use --queue {origin}")
+            sender.publish([wire.copy_of(message, queue.name, dict.fromkeys(_KQUEUE_HEADERS))])
+            message.ack()
+            moved += 1
+            if on_moved is not None:
+                on_moved(moved)
+    return moved
+
+
+def purge(conn: Connection, queue: Queue) -> int:
+    """Delete every ready message of `queue`; return how many."""
+    try:
+        return int(queue(conn.default_channel).purge() or 0)
+    except conn.channel_errors as exc:
+        raise KQueueError(f"cannot purge {queue.name!r} on {mask(conn.as_uri(include_password=True))}: {exc}") from None
