@@ -11,3 +11,23 @@ def record(text: str) -> None:
 
 def fail(text: str) -> None:
     raise RuntimeError(f"cannot handle {text!r}")
+
+
+def slow_once(text: str) -> None:
+    """Slow (8 s) the first time it sees a task, quick after: for tasks that outlive a timeout once."""
+    import os
+    import time
+    from pathlib import Path
+
+    marker = Path(os.environ["KQUEUE_TEST_MARKERS"]) / text
+    if not marker.exists():
+        marker.touch()
+        time.sleep(float(os.environ.get("KQUEUE_TEST_SLOW", "8")))
+
+
+def die(text: str) -> None:
+    """Kill the worker process outright, as a segfault or the OOM killer would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -10,7 +10,13 @@ import threading
 import time
 from pathlib import Path
 
+from kombu import Queue
+
+from kqueue.brokers import connect
+from kqueue.queues import messages_ready
+
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tool(name: str) -> str:
@@ -33,13 +39,14 @@ def run_send(
 class Worker:
     """A kqueue-work process whose output lines are collected as they come."""
 
-    def __init__(self, url: str, queue: str, *args: str) -> None:
+    def __init__(self, url: str, queue: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [tool("kqueue-work"), "--broker", url, "--queue", queue, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "0"},
+            cwd=ROOT,  # so that --handler tests.handlers:... imports
+            env={**os.environ, **(env or {})},
         )
         self.out: list[str] = []
         self.err: list[str] = []
@@ -105,3 +112,24 @@ class Worker:
             self.proc.kill()
         self.proc.wait(10)
         self._drain()
+
+
+def is_redis(url: str) -> bool:
+    return url.startswith("redis")
+
+
+def ready(url: str, queue: Queue) -> int:
+    """Messages waiting in `queue`; 0 while it does not exist yet."""
+    conn = connect(url)
+    try:
+        return messages_ready(conn.channel(), queue)
+    except conn.channel_errors:
+        return 0
+    finally:
+        conn.release()
+
+
+def start(workers: list[Worker], url: str, queue: Queue, *args: str) -> Worker:
+    worker = Worker(url, queue.name, *args)
+    workers.append(worker)
+    return worker.ready()
