@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from kombu.message import Message
@@ -18,6 +19,7 @@ __all__ = [
     "REASON",
     "REDELIVERED",
     "RETRY_AT",
+    "Delivery",
     "copy_of",
     "decode_task",
 ]
@@ -65,18 +67,41 @@ def decode_task(message: Message) -> str:
     return json.dumps(payload)
 
 
-def is_redelivered(message: Message) -> bool:
-    return bool(message.delivery_info.get("redelivered") or headers_of(message).get(REDELIVERED))
+@dataclass(frozen=True)
+class Delivery:
+    """What kqueue's headers and the broker say about one delivery, read once.
 
+    Attributes:
+        redelivered: the broker handed it out before (or it is a copy standing for such).
+        number: which delivery of the task this is, counting copies.
+        uncounted: redelivered by a queue that does not count deliveries: the
+            count must be carried in a copy before the task runs again.
+        attempt: which run of the handler this would be.
+        retry_at: Unix time before which it must not run, or None.
+    """
 
-def deliveries(message: Message) -> int:
-    """How many times this task has been delivered, this delivery included."""
-    headers = headers_of(message)
-    return int(headers.get(DELIVERIES, 0)) + int(headers.get(QUORUM_DELIVERY_COUNT, 0)) + 1
+    redelivered: bool
+    number: int
+    uncounted: bool
+    attempt: int
+    retry_at: float | None
 
-
-def attempt(message: Message) -> int:
-    return int(headers_of(message).get(ATTEMPT, 1))
+    @classmethod
+    def of(cls, message: Message) -> Delivery:
+        headers = message.headers or {}
+        flagged = bool(message.delivery_info.get("redelivered"))
+        if not headers:  # the common case: a fresh task from kqueue-send or any AMQP client
+            return cls(flagged, 2 if flagged else 1, flagged, 1, None)
+        uncounted = flagged and QUORUM_DELIVERY_COUNT not in headers
+        number = int(headers.get(DELIVERIES, 0)) + int(headers.get(QUORUM_DELIVERY_COUNT, 0)) + 1 + uncounted
+        retry_at = headers.get(RETRY_AT)
+        return cls(
+            flagged or bool(headers.get(REDELIVERED)),
+            number,
+            uncounted,
+            int(headers.get(ATTEMPT, 1)),
+            None if retry_at is None else float(retry_at),
+        )
 
 
 def copy_of(message: Message, routing_key: str, changes: dict[str, Any]) -> Outgoing:

@@ -125,25 +125,41 @@ class _Waker:
         os.set_blocking(self._write, False)
         os.set_blocking(self.fd, False)
         self.event = threading.Event()
+        self._signalled = False
+        # A handler can outlive its worker (its task requeued, the worker
+        # closed): it must not write to a descriptor number reused since.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def wake(self) -> None:
-        self.event.set()
-        try:
-            os.write(self._write, b"!")
-        except BlockingIOError:  # the pipe is full: the reader is awake already
-            pass
+        if self._signalled:  # the reader has not cleared the last wake-up: it will look anyway
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._signalled = True
+            self.event.set()
+            try:
+                os.write(self._write, b"!")
+            except BlockingIOError:  # the pipe is full: the reader is awake already
+                pass
 
     def clear(self) -> None:
-        self.event.clear()
+        # Drain first, lower the flag last: a wake-up in between is skipped,
+        # but what it signalled is already there for the reader to find.
         try:
             while os.read(self.fd, 4096):
                 pass
         except BlockingIOError:
             pass
+        self.event.clear()
+        self._signalled = False
 
     def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._write)
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
+            os.close(self._write)
 
 
 class _Pool:
@@ -239,6 +255,10 @@ class Worker(ConsumerMixin):
         self._consumer: Any = None
         self._sender: Sender | None = None
         self._arrivals: deque[Message] = deque()
+        # AMQP delivery tags still unacked on this channel, in delivery order;
+        # True once the task is done and only waits for its ack.
+        self._outstanding: dict[int, bool] = {}
+        self._idle = False
         self._inflight: dict[int, Task] = {}
         self._held: list[tuple[float, int, Task]] = []
         self._order = itertools.count()
@@ -252,6 +272,7 @@ class Worker(ConsumerMixin):
         self._empty_readings = 0
         self._next_heartbeat = 0.0
         self._backoff = 0.5
+        self._multiple_acks = False
 
     # -- hooks ---------------------------------------------------------------
 
@@ -288,15 +309,22 @@ class Worker(ConsumerMixin):
     def get_consumers(self, Consumer: Any, channel: Any) -> list[Any]:
         self._consumer = Consumer(
             queues=[self.queue],
-            on_message=self._arrivals.append,
+            on_message=self._arrive,
             accept=wire.ACCEPT,
             prefetch_count=self.settings.prefetch_count,
         )
         return [self._consumer]
 
+    def _arrive(self, message: Message) -> None:
+        self._arrivals.append(message)
+        if self._multiple_acks:
+            self._outstanding[message.delivery_tag] = False
+
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
         self._generation += 1
         self._conn = connection
+        self._outstanding.clear()
+        self._multiple_acks = is_amqp(connection)
         self._consuming = True
         self._sender = Sender(connection, self.queue, also=[self.dead_queue], reconnect_for=0)
         # Retries held for the old channel are the broker's again.
@@ -370,41 +398,32 @@ class Worker(ConsumerMixin):
 
     def _accept(self, message: Message) -> None:
         if self._stopping or self._quota_reached():
-            message.requeue()
+            self._requeue(message)
             return
-        deliveries = self._delivery_number(message)
-        redelivered = wire.is_redelivered(message)
-        if deliveries > self.settings.delivery_limit:
+        delivery = wire.Delivery.of(message)
+        if delivery.number > self.settings.delivery_limit:
             self._dead_letter(
                 message,
                 "delivery-limit",
-                f"delivered {deliveries} times without an ack: its handler may be killing the worker",
-                wire.attempt(message),
+                f"delivered {delivery.number} times without an ack: its handler may be killing the worker",
+                delivery.attempt,
             )
             return
-        if self._needs_count(message):
+        if delivery.uncounted:
             # This queue does not count deliveries: carry the count in a copy.
-            self._publish_then_ack(message, self.queue.name, {wire.DELIVERIES: deliveries - 1, wire.REDELIVERED: True})
+            changes = {wire.DELIVERIES: delivery.number - 1, wire.REDELIVERED: True}
+            self._publish_then_ack(message, self.queue.name, changes)
             return
         try:
             text = wire.decode_task(message)
         except (ContentDisallowed, DecodeError, UnicodeDecodeError) as exc:
-            self._dead_letter(message, "undecodable", f"{type(exc).__name__}: {exc}", wire.attempt(message))
+            self._dead_letter(message, "undecodable", f"{type(exc).__name__}: {exc}", delivery.attempt)
             return
-        task = Task(text, message, self._generation, redelivered, wire.attempt(message), deliveries)
-        retry_at = wire.headers_of(message).get(wire.RETRY_AT)
-        if retry_at is not None and float(retry_at) > time.time():
-            self._hold(task, float(retry_at) - time.time())
+        task = Task(text, message, self._generation, delivery.redelivered, delivery.attempt, delivery.number)
+        if delivery.retry_at is not None and delivery.retry_at > time.time():
+            self._hold(task, delivery.retry_at - time.time())
             return
         self._start(task)
-
-    def _delivery_number(self, message: Message) -> int:
-        number = wire.deliveries(message)
-        return number + 1 if self._needs_count(message) else number
-
-    def _needs_count(self, message: Message) -> bool:
-        counted_by_broker = wire.QUORUM_DELIVERY_COUNT in wire.headers_of(message)
-        return bool(message.delivery_info.get("redelivered")) and not counted_by_broker
 
     def _start(self, task: Task) -> None:
         self._inflight[id(task)] = task
@@ -435,11 +454,12 @@ class Worker(ConsumerMixin):
             self._waker.wake()
 
     def _settle_finished(self) -> None:
+        done: list[Task] = []
         while True:
             try:
                 task = self._finished.get_nowait()
             except Empty:
-                return
+                break
             self._inflight.pop(id(task), None)
             if task.generation != self._generation:
                 log.warning(
@@ -450,11 +470,43 @@ class Worker(ConsumerMixin):
                 continue
             self._backoff = 0.5  # the connection works: a new loss starts backing off afresh
             if task.error is None:
-                task.message.ack()
-                self.tasks_acked += 1
-                log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
+                done.append(task)
             else:
                 self._failed(task)
+        if done:
+            self._ack_done(done)
+
+    def _ack_done(self, done: list[Task]) -> None:
+        """Ack tasks whose handlers returned, a run of them with one `basic.ack` where AMQP allows."""
+        if self._multiple_acks:
+            for task in done:
+                self._outstanding[task.delivery_tag] = True
+            last = None
+            for tag, finished in self._outstanding.items():
+                if not finished:
+                    break
+                last = tag
+            if last is not None:
+                # Every delivery up to `last` is done: one ack with multiple=True covers them.
+                by_tag = {task.delivery_tag: task for task in done}
+                while self._outstanding and next(iter(self._outstanding)) <= last:
+                    del self._outstanding[next(iter(self._outstanding))]
+                by_tag[last].message.ack(multiple=True)
+                single = [task for task in done if task.delivery_tag > last]
+            else:
+                single = done
+        else:
+            single = done
+        for task in single:
+            self._ack(task.message)
+        self.tasks_acked += len(done)
+        if log.isEnabledFor(logging.INFO):
+            for task in done:
+                log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
+
+    def _ack(self, message: Message) -> None:
+        self._outstanding.pop(message.delivery_tag, None)
+        message.ack()
 
     def _failed(self, task: Task) -> None:
         error = f"{type(task.error).__name__}: {task.error}"
@@ -495,7 +547,7 @@ class Worker(ConsumerMixin):
         """Put a changed copy where it belongs, confirmed, and only then ack the original."""
         assert self._sender is not None
         self._sender.publish([wire.copy_of(message, routing_key, changes)])
-        message.ack()
+        self._ack(message)
 
     # -- retries waiting for their time ---------------------------------------
 
@@ -549,7 +601,8 @@ class Worker(ConsumerMixin):
 
         Once is not enough: the count leaves out messages on their way to us.
         """
-        if self.busy:
+        if self.busy or not self._idle:
+            # Only a wait in which nothing happened is worth asking the broker about.
             self._empty_readings = 0
             return False
         count = messages_ready(self._consumer.channel, self.queue)
@@ -567,6 +620,7 @@ class Worker(ConsumerMixin):
             self._requeue(heapq.heappop(self._held)[2].message)
 
     def _requeue(self, message: Message) -> None:
+        self._outstanding.pop(message.delivery_tag, None)
         try:
             message.requeue()
         except Exception as exc:  # noqa: BLE001 - a dead channel gives it back by itself
@@ -577,6 +631,7 @@ class Worker(ConsumerMixin):
     def _wait(self) -> None:
         conn = self._conn
         assert conn is not None
+        self._idle = False
         if self._arrivals or not self._finished.empty():
             return  # a synchronous call (a publish's confirm) brought work in already
         timeout = self._timeout()
@@ -590,7 +645,7 @@ class Worker(ConsumerMixin):
             try:
                 conn.drain_events(timeout=min(timeout, 0.05))
             except TimeoutError:
-                pass
+                self._idle = True
 
     def _wait_amqp(self, conn: Connection, timeout: float) -> None:
         sock = conn.connection.sock
@@ -599,20 +654,33 @@ class Worker(ConsumerMixin):
             ready: list[Any] = [sock]
         else:
             ready, _, _ = select.select([sock, self._waker.fd], [], [], timeout)
+        self._idle = not ready
         if self._waker.fd in ready:
             self._waker.clear()
         if sock in ready:
-            # One frame, not drain_events(): that keeps reading until a whole
-            # method arrives, so the broker's heartbeats would keep it (and
-            # ours) waiting for as long as no message comes.
             try:
-                conn.connection.blocking_read(timeout=1.0)
+                self._read_frames(conn.connection, sock)
             except TimeoutError:
                 pass
         now = time.monotonic()
         if now >= self._next_heartbeat:
             conn.heartbeat_check()
             self._next_heartbeat = now + max(0.2, (conn.heartbeat or 4) / 4)
+
+    @staticmethod
+    def _read_frames(amqp: Any, sock: Any) -> None:
+        """Read the frames that have arrived, and no more.
+
+        Not drain_events(): that keeps reading until a whole method arrives,
+        so the broker's heartbeats alone would keep it (and ours) waiting for
+        as long as no message comes.
+        """
+        transport = amqp.transport
+        with transport.having_timeout(1.0):
+            while True:
+                amqp.on_inbound_frame(transport.read_frame())
+                if not select.select([sock], [], [], 0)[0]:
+                    return
 
     def _timeout(self) -> float:
         timeout = 1.0

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from .procs import Worker, run_send
+from kqueue.brokers import connect
+from kqueue.producer import Sender
+from kqueue.worker import Worker, WorkerSettings
+
+from .procs import Worker as WorkerProcess
+from .procs import run_send
 
 pytestmark = pytest.mark.broker
 
@@ -14,7 +21,7 @@ def test_a_task_sent_is_worked(broker_queue: tuple[str, object]) -> None:
     name = queue.name  # type: ignore[attr-defined]
 
     sent = run_send(url, name, "First", "message.")
-    worker = Worker(url, name, "--burst", "--dot-seconds", "0.01")
+    worker = WorkerProcess(url, name, "--burst", "--dot-seconds", "0.01")
     code = worker.wait()
 
     assert sent.returncode == 0, sent.stderr
@@ -25,3 +32,20 @@ def test_a_task_sent_is_worked(broker_queue: tuple[str, object]) -> None:
         " [x] Received 'First message.'",
         " [x] Done",
     ]
+
+
+def test_a_worker_draining_a_backlog_never_stalls(broker_queue: tuple[str, object]) -> None:
+    # Handlers finishing while the connection thread cleared its last wake-up
+    # once left it asleep for its whole timeout (1 s), again and again.
+    url, queue = broker_queue
+    with connect(url) as conn, Sender(conn, queue) as sender:  # type: ignore[arg-type]
+        sender.send_many(f"t{i}" for i in range(5000))
+    worker = Worker(connect(url), queue, lambda text: None, WorkerSettings(burst=True, prefetch=100))  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(15)  # about half a second when nothing stalls
+
+    assert not thread.is_alive(), f"{worker.tasks_acked} of 5000 done in 15 s"
+    assert worker.tasks_acked == 5000
+    worker.close()
