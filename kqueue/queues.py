@@ -33,26 +33,22 @@ class QueueType(str, Enum):
 
 def task_queue(name: str = DEFAULT_QUEUE, queue_type: QueueType = QueueType.CLASSIC) -> Queue:
     """The durable queue named `name` on the default exchange, routing key = name."""
-    return Queue(
-        name,
-        exchange=Exchange(""),
-        routing_key=name,
-        durable=True,
-        auto_delete=False,
-        queue_arguments=queue_type.arguments() or None,
-    )
+    return _durable(name, queue_type.arguments() or None)
 
 
 def dead_letter_queue(queue: Queue) -> Queue:
     """Where tasks of `queue` go when they cannot be done: same type, ``<name>.dead``."""
-    name = f"{queue.name}{DEAD_SUFFIX}"
+    return _durable(f"{queue.name}{DEAD_SUFFIX}", queue.queue_arguments)
+
+
+def _durable(name: str, arguments: dict[str, Any] | None) -> Queue:
     return Queue(
         name,
         exchange=Exchange(""),
         routing_key=name,
         durable=True,
         auto_delete=False,
-        queue_arguments=queue.queue_arguments,
+        queue_arguments=arguments,
     )
 
 
