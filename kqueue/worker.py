@@ -40,6 +40,8 @@ __all__ = ["Task", "Worker", "WorkerSettings"]
 
 log = logging.getLogger("kqueue.worker")
 
+_HEARTBEAT = 8  # the AMQP frame type
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -148,8 +150,7 @@ class _Waker:
         # Drain first, lower the flag last: a wake-up in between is skipped,
         # but what it signalled is already there for the reader to find.
         try:
-            while os.read(self.fd, 4096):
-                pass
+            os.read(self.fd, 4096)  # what is left makes the next select return at once: harmless
         except BlockingIOError:
             pass
         self.event.clear()
@@ -678,8 +679,11 @@ class Worker(ConsumerMixin):
         transport = amqp.transport
         with transport.having_timeout(1.0):
             while True:
-                amqp.on_inbound_frame(transport.read_frame())
-                if not select.select([sock], [], [], 0)[0]:
+                frame = transport.read_frame()
+                complete = amqp.on_inbound_frame(frame)
+                # Mid-message, the rest is on its way: read on. After a whole
+                # method or a heartbeat, only what has already arrived.
+                if (complete or frame[0] == _HEARTBEAT) and not select.select([sock], [], [], 0)[0]:
                     return
 
     def _timeout(self) -> float:
