@@ -263,6 +263,12 @@ class _progress:
     help="AMQP heartbeat; 0 turns it off. ?heartbeat=N in the broker URL wins.",
 )
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No line per task, on standard output or in the log: only what needs attention.",
+)
 @broker_options
 def work_main(
     handler_path: str | None,
@@ -277,6 +283,7 @@ def work_main(
     delivery_limit: int,
     heartbeat: float,
     log_format: str,
+    quiet: bool,
     broker_url: str,
     queue_name: str,
     queue_type: str,
@@ -285,7 +292,7 @@ def work_main(
     """Work the tasks of a queue, acknowledging each once its handler returned."""
     from kqueue.worker import Worker, WorkerSettings
 
-    configure(logging.DEBUG if verbose else logging.INFO, log_format)
+    configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
     handler = _handler(handler_path, dot_seconds)
     settings = WorkerSettings(
         concurrency=concurrency,
@@ -299,7 +306,7 @@ def work_main(
     ).validate()
     conn, queue = _connect(broker_url, queue_name, queue_type, heartbeat)
     conn.release()
-    worker = _console_worker(Worker)(conn, queue, handler, settings)
+    worker = (Worker if quiet else _console_worker(Worker))(conn, queue, handler, settings)
     click.echo(" [*] Waiting for messages. To exit press CTRL+C")
     with _stop_on_signals(worker):
         worker.run()

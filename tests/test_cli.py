@@ -193,3 +193,14 @@ def test_version(runner: CliRunner) -> None:
 
     assert result.exit_code == 0
     assert "kqueue, version" in result.output
+
+
+def test_work_quiet_prints_no_line_per_task(runner: CliRunner, in_process: str) -> None:
+    send(runner, in_process, "First message.")
+
+    result = work(runner, in_process, "--dot-seconds", "0", "--quiet")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [" [*] Waiting for messages. To exit press CTRL+C"]
+    assert "task done" not in result.stderr
+    assert ready(in_process) == 0
