@@ -1,0 +1,1 @@
+"""Benchmarks of kqueue against raw Kombu baselines, run interleaved: ``python -m benchmarks --help``."""

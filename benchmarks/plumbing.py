@@ -1,0 +1,209 @@
+"""What every figure needs: fresh queues, a fast raw pre-fill, and timed child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection, Exchange, Producer, Queue
+
+#: Where the console scripts of this virtualenv are (kqueue-send, kqueue-work).
+BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+
+
+def tool(name: str) -> str:
+    return str(BIN / name)
+
+
+def fresh_name(figure: str) -> str:
+    """A queue name no other benchmark (or run) uses."""
+    return f"kqbench-{figure}-{uuid.uuid4().hex[:8]}"
+
+
+def is_amqp_url(url: str) -> bool:
+    return url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps")
+
+
+def raw_queue(name: str, queue_type: str = "classic") -> Queue:
+    """The same durable queue kqueue declares, built with plain Kombu."""
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    return Queue(name, Exchange(""), routing_key=name, durable=True, queue_arguments=arguments)
+
+
+def raw_connection(url: str, **transport_options: Any) -> Connection:
+    return Connection(url, transport_options=transport_options or None)
+
+
+def declare(url: str, queue: Queue) -> None:
+    with raw_connection(url) as conn:
+        queue(conn.channel()).declare()
+
+
+def message_count(conn: Connection, name: str) -> int:
+    """Messages ready in `name` (0 for a queue that is not there, as Redis says)."""
+    channel = conn.channel()
+    try:
+        if hasattr(channel, "_size"):  # Kombu's virtual transports
+            return int(channel._size(name))
+        return int(channel.queue_declare(queue=name, passive=True).message_count)
+    finally:
+        channel.close()
+
+
+def prefill(url: str, queue: Queue, bodies: Sequence[bytes]) -> None:
+    """Publish `bodies` with a raw loop (no confirms, not timed), then wait until the queue has them all."""
+    with raw_connection(url) as conn:
+        channel = conn.channel()
+        queue(channel).declare()
+        producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+        for body in bodies:
+            producer.publish(
+                body,
+                routing_key=queue.name,
+                delivery_mode=2,
+                content_type="text/plain",
+                content_encoding="utf-8",
+            )
+        deadline = time.monotonic() + 60
+        while message_count(conn, queue.name) < len(bodies):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pre-fill of {queue.name}: the broker did not take {len(bodies)} messages")
+            time.sleep(0.01)
+
+
+def wait_for_broker(url: str, timeout: float = 180.0) -> None:
+    """Return once the broker accepts a connection again (it may have been restarted under us)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with raw_connection(url) as conn:
+                conn.ensure_connection(max_retries=1, timeout=5)
+                conn.channel().close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def delete_queues(url: str, *names: str) -> None:
+    """Delete the queues (and kqueue's dead-letter queues of them); missing ones are fine."""
+    with raw_connection(url) as conn:
+        conn.ensure_connection(max_retries=10, interval_start=1, interval_step=1, interval_max=3)
+        for name in names:
+            for each in (name, f"{name}.dead"):
+                channel = conn.channel()
+                try:
+                    if hasattr(channel, "_size"):
+                        # Kombu's virtual transports (Redis) delete only queues bound on this very
+                        # connection: remove the lists (every priority) and the binding directly.
+                        channel._delete(each, "", each, "")
+                    channel.queue_delete(each)
+                except Exception:  # noqa: BLE001 - not there is as good as deleted
+                    pass
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001 - a channel the broker closed
+                        pass
+
+
+def remaining(url: str, name: str) -> int:
+    with raw_connection(url) as conn:
+        return message_count(conn, name)
+
+
+def bodies(n: int) -> list[bytes]:
+    """`n` small task bodies, each with one dot (zero seconds of fake work at --dot-seconds 0)."""
+    return [f"task {i}.".encode() for i in range(n)]
+
+
+class _PeakRss:
+    """Samples a child's VmHWM (peak RSS) from /proc until it exits.
+
+    Not wait4's ru_maxrss: Linux carries the pre-exec high-water mark into it,
+    so a child forked from this (large) process would report this process's size.
+    """
+
+    INTERVAL = 0.02
+
+    def __init__(self, pid: int) -> None:
+        self.path = Path(f"/proc/{pid}/status")
+        self.kb = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                for line in self.path.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.kb = max(self.kb, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            if self._done.wait(self.INTERVAL):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished child process: wall time, exit status and its own resource usage."""
+
+    seconds: float
+    returncode: int
+    maxrss_mb: float
+    cpu_seconds: float
+    stdout: str
+    stderr: str
+
+
+def run_timed(argv: Sequence[str], *, timeout: float = 900, env: dict[str, str] | None = None) -> Run:
+    """Run `argv` to completion; wall time from start to exit, rusage of this very child (wait4).
+
+    Standard output and error go to temporary files, so a chatty child is not slowed by a pipe.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        peak = _PeakRss(proc.pid)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+            peak.stop()
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(
+            seconds=seconds,
+            returncode=proc.returncode,
+            maxrss_mb=peak.kb / 1024,
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
+            stdout=out.read().decode(errors="replace")[-4000:],
+            stderr=err.read().decode(errors="replace")[-4000:],
+        )
+
+
+def check(run: Run, what: str) -> Run:
+    if run.returncode != 0:
+        raise RuntimeError(f"{what} exited {run.returncode}:\n{run.stderr[-2000:]}")
+    return run

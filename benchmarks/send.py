@@ -1,0 +1,184 @@
+"""Figure 1, send: kqueue's confirmed sends (CLI and API) against raw Kombu publish loops."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from kombu import Exchange, Producer
+
+from benchmarks import plumbing
+from benchmarks.core import Config, Figure, Row, Step, Target
+from kqueue.brokers import connect
+from kqueue.producer import Sender
+from kqueue.queues import QueueType, task_queue
+
+N = 100_000
+TARGET = Target("ratio>=", 0.7)
+#: Unconfirmed messages in flight in the raw pipelined-confirms baseline (kqueue's CONFIRM_WINDOW).
+WINDOW = 2000
+
+
+def figure(config: Config) -> Figure:
+    n = config.count(N)
+    n_confirm = config.count(N // 10)
+    texts = [body.decode() for body in plumbing.bodies(n)]
+    workdir = Path(tempfile.mkdtemp(prefix="kqbench-send-"))
+    lines = workdir / "tasks.txt"
+    lines.write_text("".join(f"{text}\n" for text in texts), encoding="utf-8")
+    empty = workdir / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+
+    def kqueue_cli() -> dict[str, float]:
+        name = plumbing.fresh_name("send-cli")
+        try:
+            start = _cli(config, name, empty)
+            run = _cli(config, name, lines)
+            values = {"kq_cli": n / run, "kq_cli_start_s": start}
+            if run - start > 0.05 * run:  # else start-up noise swamps the sending: leave it out
+                values["kq_cli_net"] = n / (run - start)
+            return values
+        finally:
+            plumbing.delete_queues(config.url, name)
+
+    def kqueue_api() -> dict[str, float]:
+        name = plumbing.fresh_name("send-api")
+        queue = task_queue(name, QueueType(config.queue_type))
+        try:
+            with connect(config.url) as conn:
+                conn.ensure_connection(max_retries=1)
+                start = time.perf_counter()
+                with Sender(conn, queue) as sender:
+                    confirmed = sender.send_many(texts)
+                seconds = time.perf_counter() - start
+            _expect(config, name, n, confirmed)
+            return {"kq_api": n / seconds}
+        finally:
+            plumbing.delete_queues(config.url, name)
+
+    def raw(confirm: bool) -> dict[str, float]:
+        count = n_confirm if confirm else n
+        name = plumbing.fresh_name("send-raw")
+        queue = plumbing.raw_queue(name, config.queue_type)
+        bodies = plumbing.bodies(count)
+        options = {"confirm_publish": True} if confirm else {}
+        try:
+            with plumbing.raw_connection(config.url, **options) as conn:
+                conn.ensure_connection(max_retries=1)
+                start = time.perf_counter()
+                channel = conn.channel()
+                queue(channel).declare()
+                producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+                for body in bodies:
+                    producer.publish(
+                        body,
+                        routing_key=name,
+                        delivery_mode=2,
+                        content_type="text/plain",
+                        content_encoding="utf-8",
+                    )
+                seconds = time.perf_counter() - start
+            _expect(config, name, count, count)
+            return {"raw_confirm_each" if confirm else "raw": count / seconds}
+        finally:
+            plumbing.delete_queues(config.url, name)
+
+    def raw_pipelined() -> dict[str, float]:
+        name = plumbing.fresh_name("send-pipe")
+        try:
+            seconds = _pipelined_confirms(config, name, plumbing.bodies(n))
+            _expect(config, name, n, n)
+            return {"raw_pipelined": n / seconds}
+        finally:
+            plumbing.delete_queues(config.url, name)
+
+    steps = [
+        Step("kqueue Sender.send_many", kqueue_api),
+        Step("raw publish, no confirms", lambda: raw(False)),
+        Step("kqueue-send --file", kqueue_cli),
+    ]
+    rows = [
+        Row("send: Sender.send_many vs raw", "msg/s", "kq_api", "raw", TARGET),
+        Row("send: kqueue-send --file vs raw", "msg/s", "kq_cli", "raw", TARGET),
+        Row("send: kqueue-send excl. start", "msg/s", "kq_cli_net", "raw", TARGET),
+    ]
+    notes = [
+        f"N={n}; raw is Producer.publish without confirms; "
+        + ("kqueue confirms every message" if config.amqp else "this transport has no confirms (kqueue neither)"),
+        "kqueue-send is a subprocess: its time includes start-up; 'excl. start' subtracts a run on an empty file",
+    ]
+    if config.amqp:
+        steps.append(Step("raw publish, confirm_publish=True", lambda: raw(True)))
+        steps.append(Step("raw publish, pipelined confirms", raw_pipelined))
+        rows.append(Row("send: send_many vs raw confirm-each", "msg/s", "kq_api", "raw_confirm_each"))
+        rows.append(Row("send: send_many vs raw pipelined conf.", "msg/s", "kq_api", "raw_pipelined"))
+        notes.append(
+            f"raw pipelined confirms: confirm_select, up to {WINDOW} unconfirmed, drained down to {WINDOW // 2} "
+            "(what Sender does, without kqueue's bookkeeping)"
+        )
+        notes.append(f"raw confirm-each (transport_options confirm_publish=True) sends N/10={n_confirm}")
+    return Figure("send", steps, rows, notes)
+
+
+def _pipelined_confirms(config: Config, name: str, bodies: list[bytes]) -> float:
+    """Seconds to publish `bodies` with publisher confirms kept in flight, waiting for all at the end."""
+    acked_upto = 0
+    singles: set[int] = set()
+
+    def on_ack(tag: int, multiple: bool) -> None:
+        nonlocal acked_upto
+        if multiple:
+            acked_upto = max(acked_upto, tag)
+        else:
+            singles.add(tag)
+
+    def unconfirmed(sent: int) -> int:
+        singles.difference_update([tag for tag in singles if tag <= acked_upto])
+        return sent - acked_upto - len(singles)
+
+    with plumbing.raw_connection(config.url) as conn:
+        conn.ensure_connection(max_retries=1)
+        start = time.perf_counter()
+        channel = conn.channel()
+        plumbing.raw_queue(name, config.queue_type)(channel).declare()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(on_ack)
+        producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+        sent = 0
+        for body in bodies:
+            producer.publish(
+                body, routing_key=name, delivery_mode=2, content_type="text/plain", content_encoding="utf-8"
+            )
+            sent += 1
+            if sent - acked_upto >= WINDOW and unconfirmed(sent) >= WINDOW:
+                while unconfirmed(sent) > WINDOW // 2:
+                    conn.drain_events(timeout=30)
+        while unconfirmed(sent) > 0:
+            conn.drain_events(timeout=30)
+        return time.perf_counter() - start
+
+
+def _cli(config: Config, name: str, path: Path) -> float:
+    argv = [
+        plumbing.tool("kqueue-send"),
+        "--broker",
+        config.url,
+        "--queue",
+        name,
+        "--queue-type",
+        config.queue_type,
+        "--file",
+        str(path),
+    ]
+    return plumbing.check(plumbing.run_timed(argv), "kqueue-send").seconds
+
+
+def _expect(config: Config, name: str, n: int, confirmed: int) -> None:
+    if confirmed != n:
+        raise RuntimeError(f"{name}: {confirmed} of {n} messages confirmed")
+    deadline = time.monotonic() + 10
+    while (there := plumbing.remaining(config.url, name)) != n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: {there} messages in the queue, expected {n}")
+        time.sleep(0.05)
