@@ -15,20 +15,17 @@ def figure(config: Config) -> Figure:
 
     def peak(n: int, key: str) -> dict[str, float]:
         name = plumbing.fresh_name("memory")
-        argv = [
-            plumbing.tool("kqueue-work"),
-            "--broker",
+        argv = plumbing.kqueue_argv(
+            "kqueue-work",
             config.url,
-            "--queue",
             name,
-            "--queue-type",
             config.queue_type,
             "--burst",
             "--dot-seconds",
             "0",
             "--prefetch",
             str(PREFETCH),
-        ]
+        )
         try:
             plumbing.prefill(config.url, plumbing.raw_queue(name, config.queue_type), plumbing.bodies(n))
             run = plumbing.check(plumbing.run_timed(argv), f"kqueue-work on {n} tasks")

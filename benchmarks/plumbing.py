@@ -24,6 +24,11 @@ def tool(name: str) -> str:
     return str(BIN / name)
 
 
+def kqueue_argv(name: str, url: str, queue: str, queue_type: str, *args: str) -> list[str]:
+    """The command line of kqueue's tool `name` on `queue` at `url`, then `args`."""
+    return [tool(name), "--broker", url, "--queue", queue, "--queue-type", queue_type, *args]
+
+
 def fresh_name(figure: str) -> str:
     """A queue name no other benchmark (or run) uses."""
     return f"kqbench-{figure}-{uuid.uuid4().hex[:8]}"

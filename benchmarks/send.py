@@ -160,17 +160,7 @@ def _pipelined_confirms(config: Config, name: str, bodies: list[bytes]) -> float
 
 
 def _cli(config: Config, name: str, path: Path) -> float:
-    argv = [
-        plumbing.tool("kqueue-send"),
-        "--broker",
-        config.url,
-        "--queue",
-        name,
-        "--queue-type",
-        config.queue_type,
-        "--file",
-        str(path),
-    ]
+    argv = plumbing.kqueue_argv("kqueue-send", config.url, name, config.queue_type, "--file", str(path))
     return plumbing.check(plumbing.run_timed(argv), "kqueue-send").seconds
 
 

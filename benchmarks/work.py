@@ -34,23 +34,21 @@ def figure(config: Config) -> Figure:
     starts: dict[str, float] = {}
 
     def kqueue_argv(name: str, setup: Setup) -> list[str]:
-        return [
-            plumbing.tool("kqueue-work"),
-            "--broker",
+        # --quiet: no line per task, as the raw consumer prints none either
+        return plumbing.kqueue_argv(
+            "kqueue-work",
             config.url,
-            "--queue",
             name,
-            "--queue-type",
             config.queue_type,
             "--burst",
-            "--quiet",  # no line per task: the raw consumer prints none either
+            "--quiet",
             "--dot-seconds",
             "0",
             "--prefetch",
             str(setup.prefetch),
             "--concurrency",
             str(setup.concurrency),
-        ]
+        )
 
     def raw_argv(name: str, setup: Setup) -> list[str]:
         return [
