@@ -399,14 +399,19 @@ def stat_command(management_url: str | None, broker_url: str, queue_name: str, q
     """
     from kqueue.admin import queue_stats
 
-    configure(logging.DEBUG if verbose else logging.WARNING)
-    conn, queue = _connect(broker_url, queue_name, queue_type)
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         rows = queue_stats(conn, queue, management_url)
     width = max(len("queue"), *(len(row.name) for row in rows))
     click.echo(f"{'queue':<{width}}  {'ready':>7}  {'unacked':>7}  {'consumers':>9}")
     for row in rows:
         click.echo(f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}")
+
+
+def _admin_connect(broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
+    """What every admin command starts with: quiet logs unless -v, then connect and declare."""
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    return _connect(broker_url, queue_name, queue_type)
 
 
 def _count(value: int | None) -> str:
@@ -425,8 +430,7 @@ def dead_list_command(limit: int | None, broker_url: str, queue_name: str, queue
     """Show the dead letters, oldest first; they stay where they are."""
     from kqueue.admin import dead_letters
 
-    configure(logging.DEBUG if verbose else logging.WARNING)
-    conn, queue = _connect(broker_url, queue_name, queue_type)
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         letters = dead_letters(conn, queue, limit)
     for letter in letters:
@@ -441,8 +445,7 @@ def dead_retry_command(limit: int | None, broker_url: str, queue_name: str, queu
     """Move dead letters back to the queue, for a fresh start once their cause is fixed."""
     from kqueue.admin import retry_dead
 
-    configure(logging.DEBUG if verbose else logging.WARNING)
-    conn, queue = _connect(broker_url, queue_name, queue_type)
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         moved = retry_dead(conn, queue, limit)
     click.echo(f"moved {moved} dead letters back to {queue.name}")
@@ -457,10 +460,9 @@ def purge_command(dead: bool, yes: bool, broker_url: str, queue_name: str, queue
     from kqueue.admin import purge
     from kqueue.queues import dead_letter_queue
 
-    configure(logging.DEBUG if verbose else logging.WARNING)
     if not yes:
         raise click.UsageError("purging deletes tasks for good: add --yes")
-    conn, queue = _connect(broker_url, queue_name, queue_type)
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         target = dead_letter_queue(queue) if dead else queue
         declare(conn, target)
