@@ -11,13 +11,13 @@ from kombu import Exchange, Producer
 from benchmarks import plumbing
 from benchmarks.core import Config, Figure, Row, Step, Target
 from kqueue.brokers import connect
-from kqueue.producer import Sender
+from kqueue.producer import CONFIRM_WINDOW, Sender
 from kqueue.queues import QueueType, task_queue
 
 N = 100_000
 TARGET = Target("ratio>=", 0.7)
-#: Unconfirmed messages in flight in the raw pipelined-confirms baseline (kqueue's CONFIRM_WINDOW).
-WINDOW = 2000
+#: Unconfirmed messages in flight in the raw pipelined-confirms baseline: kqueue's.
+WINDOW = CONFIRM_WINDOW
 
 
 def figure(config: Config) -> Figure:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -18,6 +19,7 @@ __all__ = [
     "is_amqp",
     "mask",
     "open_connection",
+    "read_arrived",
 ]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672//"
@@ -137,3 +139,34 @@ def open_connection(conn: Connection, *, timeout: float = CONNECT_TIMEOUT) -> Co
             f"cannot connect to broker {mask(conn.as_uri(include_password=True))}: {reason}"
         ) from None
     return conn
+
+
+_HEARTBEAT = 8  # the AMQP frame type
+
+
+def has_arrived(conn: Connection) -> bool:
+    """Whether the broker has sent something not yet read (AMQP only; never blocks)."""
+    sock = conn.connection.sock
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes select() cannot see
+    return bool(pending is not None and pending()) or bool(select.select([sock], [], [], 0)[0])
+
+
+def read_arrived(conn: Connection) -> None:
+    """Read and dispatch the AMQP frames that have arrived, and no more.
+
+    Not drain_events(): that keeps reading until a whole method arrives, so
+    the broker's heartbeats alone would keep the caller waiting for as long
+    as nothing else comes. Here a frame cut in two is waited for (briefly:
+    the rest is on its way), but nothing that has not been sent.
+    """
+    amqp = conn.connection
+    transport = amqp.transport
+    try:
+        with transport.having_timeout(1.0):
+            while True:
+                frame = transport.read_frame()
+                complete = amqp.on_inbound_frame(frame)
+                if (complete or frame[0] == _HEARTBEAT) and not has_arrived(conn):
+                    return
+    except TimeoutError:
+        pass  # py-amqp keeps the part of a frame it read for the next call

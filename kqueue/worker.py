@@ -29,7 +29,7 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
 from kqueue import message as wire
-from kqueue.brokers import is_amqp, mask
+from kqueue.brokers import has_arrived, is_amqp, mask, read_arrived
 from kqueue.errors import KQueueError, PublishFailed, is_ack_timeout, queue_mismatch
 from kqueue.handlers import Handler
 from kqueue.logs import fields
@@ -39,8 +39,6 @@ from kqueue.queues import dead_letter_queue, messages_ready
 __all__ = ["Task", "Worker", "WorkerSettings"]
 
 log = logging.getLogger("kqueue.worker")
-
-_HEARTBEAT = 8  # the AMQP frame type
 
 
 @dataclass(frozen=True)
@@ -650,8 +648,7 @@ class Worker(ConsumerMixin):
 
     def _wait_amqp(self, conn: Connection, timeout: float) -> None:
         sock = conn.connection.sock
-        pending = getattr(sock, "pending", None)
-        if pending is not None and pending():
+        if has_arrived(conn):
             ready: list[Any] = [sock]
         else:
             ready, _, _ = select.select([sock, self._waker.fd], [], [], timeout)
@@ -659,32 +656,11 @@ class Worker(ConsumerMixin):
         if self._waker.fd in ready:
             self._waker.clear()
         if sock in ready:
-            try:
-                self._read_frames(conn.connection, sock)
-            except TimeoutError:
-                pass
+            read_arrived(conn)
         now = time.monotonic()
         if now >= self._next_heartbeat:
             conn.heartbeat_check()
             self._next_heartbeat = now + max(0.2, (conn.heartbeat or 4) / 4)
-
-    @staticmethod
-    def _read_frames(amqp: Any, sock: Any) -> None:
-        """Read the frames that have arrived, and no more.
-
-        Not drain_events(): that keeps reading until a whole method arrives,
-        so the broker's heartbeats alone would keep it (and ours) waiting for
-        as long as no message comes.
-        """
-        transport = amqp.transport
-        with transport.having_timeout(1.0):
-            while True:
-                frame = transport.read_frame()
-                complete = amqp.on_inbound_frame(frame)
-                # Mid-message, the rest is on its way: read on. After a whole
-                # method or a heartbeat, only what has already arrived.
-                if (complete or frame[0] == _HEARTBEAT) and not select.select([sock], [], [], 0)[0]:
-                    return
 
     def _timeout(self) -> float:
         timeout = 1.0
