@@ -17,7 +17,9 @@ Handler = Callable[[str], object]
 
 def dots(text: str, dot_seconds: float = 1.0) -> None:
     """The tutorial's fake work: sleep `dot_seconds` for every '.' in the task."""
-    time.sleep(text.count(".") * dot_seconds)
+    seconds = text.count(".") * dot_seconds
+    if seconds > 0:  # sleep(0) would still give up the GIL, and wait to get it back
+        time.sleep(seconds)
 
 
 def dot_handler(dot_seconds: float) -> Handler:
