@@ -57,7 +57,7 @@ def main() -> None:
     if args.what == "send":
         profile_send(args.broker, args.n, out)
     elif args.what == "work":
-        worker = [plumbing.tool("kqueue-work"), "--burst", "--dot-seconds", "0"]
+        worker = [plumbing.tool("kqueue-work"), "--burst", "--quiet", "--dot-seconds", "0"]
         worker += ["--prefetch", str(args.prefetch), "--concurrency", str(args.concurrency)]
         profile_work(args.broker, args.n, out, worker)
     else:

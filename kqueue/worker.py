@@ -29,7 +29,7 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
 from kqueue import message as wire
-from kqueue.brokers import has_arrived, is_amqp, mask, read_arrived
+from kqueue.brokers import has_read, is_amqp, mask, read_ahead, read_arrived
 from kqueue.errors import KQueueError, PublishFailed, is_ack_timeout, queue_mismatch
 from kqueue.handlers import Handler
 from kqueue.logs import fields
@@ -102,6 +102,7 @@ class Task:
     error: BaseException | None = None
     started: float = 0.0
     duration: float = 0.0
+    acked: bool = False
 
     @property
     def delivery_tag(self) -> Any:
@@ -272,6 +273,10 @@ class Worker(ConsumerMixin):
         self._next_heartbeat = 0.0
         self._backoff = 0.5
         self._multiple_acks = False
+        # Held by the connection thread except while it waits in select(): a
+        # handler thread that gets it may ack its own task on the idle connection.
+        self._io = threading.Lock()
+        self._early_acks = False
 
     # -- hooks ---------------------------------------------------------------
 
@@ -324,6 +329,12 @@ class Worker(ConsumerMixin):
         self._conn = connection
         self._outstanding.clear()
         self._multiple_acks = is_amqp(connection)
+        if self._multiple_acks:
+            read_ahead(connection)
+        # Where every delivered task is running (prefetch <= concurrency), the
+        # broker sends the next only for an ack: ack at once, from the handler's
+        # thread. With tasks queued here, acks batched by this thread cost less.
+        self._early_acks = self._multiple_acks and self.settings.prefetch_count <= self.settings.concurrency
         self._consuming = True
         self._sender = Sender(connection, self.queue, also=[self.dead_queue], reconnect_for=0)
         # Retries held for the old channel are the broker's again.
@@ -375,15 +386,20 @@ class Worker(ConsumerMixin):
 
     def consume(self, limit: int | None = None, timeout: float | None = None, **kwargs: Any) -> Iterator[None]:
         """Step the worker: each step settles what finished and waits for the next event."""
-        with self.consumer_context(**kwargs):
-            while not self.should_stop:
-                self._step()
-                if self._done():
-                    self.should_stop = True
-                    self._requeue_everything()
-                    break
-                self._wait()
-                yield
+        self._io.acquire()
+        try:
+            with self.consumer_context(**kwargs):
+                while not self.should_stop:
+                    self._step()
+                    if self._done():
+                        self.should_stop = True
+                        self._requeue_everything()
+                        break
+                    self._wait()
+                    yield
+        finally:
+            self._early_acks = False
+            self._io.release()
 
     # -- one step of the connection thread ---------------------------------------
 
@@ -449,8 +465,28 @@ class Worker(ConsumerMixin):
         try:
             self.on_task_done(task)
         finally:
+            if task.error is None:
+                self._ack_early(task)
             self._finished.put(task)
             self._waker.wake()
+
+    def _ack_early(self, task: Task) -> None:
+        """On a handler thread: ack the task now if the connection thread is idle in select().
+
+        The broker hears of it without waiting for the connection thread to
+        wake up; at prefetch 1 that is the next task's delivery started sooner.
+        When the connection thread is busy, it acks the task itself, as it
+        settles the finished ones.
+        """
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            if self._early_acks and task.generation == self._generation:
+                self._send_acks([task])
+        except Exception:  # noqa: BLE001 - the connection thread meets the same failure and handles it
+            pass
+        finally:
+            self._io.release()
 
     def _settle_finished(self) -> None:
         done: list[Task] = []
@@ -460,6 +496,9 @@ class Worker(ConsumerMixin):
             except Empty:
                 break
             self._inflight.pop(id(task), None)
+            if task.acked:  # by its handler thread, on the channel it came from
+                done.append(task)
+                continue
             if task.generation != self._generation:
                 log.warning(
                     "task finished after its channel was closed, so it cannot be acked: "
@@ -476,7 +515,17 @@ class Worker(ConsumerMixin):
             self._ack_done(done)
 
     def _ack_done(self, done: list[Task]) -> None:
-        """Ack tasks whose handlers returned, a run of them with one `basic.ack` where AMQP allows."""
+        """Ack tasks whose handlers returned, unless acked already, and count them."""
+        unsent = [task for task in done if not task.acked]
+        if unsent:
+            self._send_acks(unsent)
+        self.tasks_acked += len(done)
+        if log.isEnabledFor(logging.INFO):
+            for task in done:
+                log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
+
+    def _send_acks(self, done: list[Task]) -> None:
+        """Ack tasks, a run of them with one `basic.ack` where AMQP allows."""
         if self._multiple_acks:
             for task in done:
                 self._outstanding[task.delivery_tag] = True
@@ -498,10 +547,8 @@ class Worker(ConsumerMixin):
             single = done
         for task in single:
             self._ack(task.message)
-        self.tasks_acked += len(done)
-        if log.isEnabledFor(logging.INFO):
-            for task in done:
-                log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
+        for task in done:
+            task.acked = True
 
     def _ack(self, message: Message) -> None:
         self._outstanding.pop(message.delivery_tag, None)
@@ -611,7 +658,7 @@ class Worker(ConsumerMixin):
     def _requeue_everything(self) -> None:
         """Give back every message still held: a hard stop, or the grace ran out."""
         for task in list(self._inflight.values()):
-            if task.generation == self._generation:
+            if task.generation == self._generation and not task.acked:
                 log.warning("task requeued unfinished", extra=task.facts(queue=self.queue.name))
                 self._requeue(task.message)
         self._inflight.clear()
@@ -648,10 +695,14 @@ class Worker(ConsumerMixin):
 
     def _wait_amqp(self, conn: Connection, timeout: float) -> None:
         sock = conn.connection.sock
-        if has_arrived(conn):
+        if has_read(conn):
             ready: list[Any] = [sock]
         else:
-            ready, _, _ = select.select([sock, self._waker.fd], [], [], timeout)
+            self._io.release()  # while this waits, a handler thread may ack on the connection
+            try:
+                ready, _, _ = select.select([sock, self._waker.fd], [], [], timeout)
+            finally:
+                self._io.acquire()
         self._idle = not ready
         if self._waker.fd in ready:
             self._waker.clear()

@@ -49,3 +49,35 @@ def test_a_worker_draining_a_backlog_never_stalls(broker_queue: tuple[str, objec
     assert not thread.is_alive(), f"{worker.tasks_acked} of 5000 done in 15 s"
     assert worker.tasks_acked == 5000
     worker.close()
+
+
+@pytest.mark.parametrize(("prefetch", "concurrency"), [(1, 1), (4, 4)])
+def test_every_task_is_acked_once_whether_its_handler_thread_or_the_connection_thread_acks_it(
+    broker_queue: tuple[str, object], caplog: pytest.LogCaptureFixture, prefetch: int, concurrency: int
+) -> None:
+    # With every delivered task running (prefetch <= concurrency), a handler
+    # thread acks its own task when the connection thread is idle, and leaves
+    # it to that thread when it is busy. Tasks of uneven length mix the two.
+    url, queue = broker_queue
+    total = 1500
+    with connect(url) as conn, Sender(conn, queue) as sender:  # type: ignore[arg-type]
+        sender.send_many(str(i) for i in range(total))
+    ran: list[str] = []
+
+    def handler(text: str) -> None:
+        if int(text) % 7 == 0:
+            threading.Event().wait(0.002)
+        ran.append(text)
+
+    settings = WorkerSettings(burst=True, prefetch=prefetch, concurrency=concurrency)
+    worker = Worker(connect(url), queue, handler, settings)  # type: ignore[arg-type]
+    thread = threading.Thread(target=worker.run, daemon=True)
+    with caplog.at_level("WARNING", logger="kqueue"):
+        thread.start()
+        thread.join(60)
+    worker.close()
+
+    assert not thread.is_alive(), f"{worker.tasks_acked} of {total} done in 60 s"
+    assert sorted(ran, key=int) == [str(i) for i in range(total)]  # each exactly once: none acked twice
+    assert worker.tasks_acked == total
+    assert [record.getMessage() for record in caplog.records] == []
