@@ -661,6 +661,7 @@ class Worker(ConsumerMixin):
             if task.generation == self._generation and not task.acked:
                 log.warning("task requeued unfinished", extra=task.facts(queue=self.queue.name))
                 self._requeue(task.message)
+                task.generation = -1  # given back: its handler thread must not ack it
         self._inflight.clear()
         while self._held:
             self._requeue(heapq.heappop(self._held)[2].message)
