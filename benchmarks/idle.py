@@ -37,7 +37,7 @@ def _start(impl: str) -> None:
 
         worker: Any = Worker(connect("memory://"), task_queue(plumbing.fresh_name("idle-kq")), print)
     else:
-        worker = _RawIdle(Connection("memory://localhost//", transport_options={"polling_interval": 0.001}))
+        worker = _RawIdle(Connection("memory://localhost//", transport_options=plumbing.MEMORY_OPTIONS))
     threading.Thread(target=worker.run, daemon=True).start()
 
 
@@ -71,7 +71,7 @@ def figure(config: Config) -> Figure:
     rows = [Row("idle CPU: memory:// worker", "%core", "kq_idle_pct", "raw_idle_pct", TARGET)]
     notes = [
         f"time.process_time over {seconds:g} s of an idle worker thread in a subprocess, after 0.5 s to settle; "
-        "raw = ConsumerMixin with polling_interval 0.001 (kqueue's memory:// setting)"
+        f"raw = ConsumerMixin with transport_options {plumbing.MEMORY_OPTIONS} (kqueue's memory:// setting)"
     ]
     return Figure("idle", steps, rows, notes)
 

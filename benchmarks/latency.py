@@ -21,7 +21,6 @@ from kqueue.worker import Worker, WorkerSettings
 SAMPLES = 200
 TARGET = Target("kqueue<=", 2.0)
 #: The raw consumer on memory:// gets the polling interval kqueue sets (Kombu's default of 1 s means ~500 ms).
-MEMORY_OPTIONS = {"polling_interval": 0.001}
 #: Seconds between a task being handled and the next send, so the worker is idle again.
 PAUSE = 0.005
 
@@ -114,7 +113,7 @@ def raw_latency(url: str, samples: int) -> float:
     name = plumbing.fresh_name("latency-raw")
     memory = url.startswith("memory")
     url = "memory://localhost//" if memory else url  # Kombu warns about memory:// without a host
-    options = MEMORY_OPTIONS if memory else {}
+    options = plumbing.MEMORY_OPTIONS if memory else {}
     clock = _Clock()
     consuming = threading.Event()
     worker = _RawWorker(Connection(url, transport_options=options), name, clock)
@@ -155,6 +154,6 @@ def figure(config: Config) -> Figure:
     notes = [
         f"{samples} tasks one at a time per run, {PAUSE * 1000:.0f} ms apart; each run's value is its median; "
         "kqueue sends with Sender.send (confirmed), raw with Producer.publish",
-        f"raw memory:// uses transport_options {MEMORY_OPTIONS} like kqueue's connect()",
+        f"raw memory:// uses transport_options {plumbing.MEMORY_OPTIONS} like kqueue's connect()",
     ]
     return Figure("latency", steps, rows, notes)

@@ -15,9 +15,13 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
+from kqueue.brokers import TRANSPORT_OPTIONS
+
 #: Where the console scripts of this virtualenv are (kqueue-send, kqueue-work).
 BIN = Path(sys.executable).parent
 PYTHON = sys.executable
+#: The raw memory:// baselines poll as often as kqueue's connect() has Kombu poll.
+MEMORY_OPTIONS: dict[str, Any] = dict(TRANSPORT_OPTIONS["memory"])
 
 
 def tool(name: str) -> str:
