@@ -3,15 +3,25 @@
 ``python -m benchmarks.profiling send|work|raw-work [--broker URL] [-n N] [--prefetch P] [--concurrency C] [--top K]``
 prints the top functions by cumulative and by self time. Only the main thread is profiled; use
 ``py-spy record --threads`` for the handler threads.
+
+``python -m benchmarks.profiling handoff [-n N]`` times what a task's trip to a handler thread and
+back costs the worker, with no broker: a put on the thread's queue, then a write to the pipe the
+connection thread waits on in select().
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import select
+import statistics
 import tempfile
+import threading
+import time
 from pathlib import Path
+from queue import SimpleQueue
 
 from benchmarks import plumbing
 from kqueue.brokers import connect
@@ -43,9 +53,33 @@ def profile_work(url: str, n: int, out: Path, argv: list[str]) -> None:
         plumbing.delete_queues(url, name)
 
 
+def handoff(n: int) -> float:
+    """Microseconds per round trip: connection thread -> handler thread -> connection thread."""
+    jobs: SimpleQueue[int | None] = SimpleQueue()
+    read_end, write_end = os.pipe()
+
+    def handler_thread() -> None:
+        while jobs.get() is not None:
+            os.write(write_end, b"!")
+
+    thread = threading.Thread(target=handler_thread, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    for i in range(n):
+        jobs.put(i)
+        select.select([read_end], [], [], 1.0)
+        os.read(read_end, 64)
+    seconds = time.perf_counter() - start
+    jobs.put(None)
+    thread.join()
+    os.close(read_end)
+    os.close(write_end)
+    return seconds / n * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiling")
-    parser.add_argument("what", choices=["send", "work", "raw-work"])
+    parser.add_argument("what", choices=["send", "work", "raw-work", "handoff"])
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("-n", type=int, default=20_000, help="messages (default 20000)")
     parser.add_argument("--prefetch", type=int, default=1)
@@ -53,6 +87,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, help="keep the profile here (pstats format)")
     args = parser.parse_args()
+    if args.what == "handoff":
+        trips = [handoff(args.n) for _ in range(5)]
+        print(f"thread hand-off round trip: median {statistics.median(trips):.1f} us (of 5 runs of {args.n}: ", end="")
+        print(", ".join(f"{trip:.1f}" for trip in trips) + ")")
+        return
     out = args.out or Path(tempfile.mkdtemp(prefix="kqbench-profile-")) / f"{args.what}.prof"
     if args.what == "send":
         profile_send(args.broker, args.n, out)
