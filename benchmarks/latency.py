@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kombu import Connection, Exchange, Producer
+from kombu import Connection
 from kombu.mixins import ConsumerMixin
 
 from benchmarks import plumbing
@@ -122,12 +122,10 @@ def raw_latency(url: str, samples: int) -> float:
     with Connection(url, transport_options=options) as conn:
         channel = conn.channel()
         worker.queue(channel).declare()
-        producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+        publish = plumbing.raw_publisher(channel, name)
 
         def send(text: str) -> None:
-            producer.publish(
-                text.encode(), routing_key=name, delivery_mode=2, content_type="text/plain", content_encoding="utf-8"
-            )
+            publish(text.encode())
 
         thread.start()
         try:

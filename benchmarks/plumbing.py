@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,20 +68,30 @@ def message_count(conn: Connection, name: str) -> int:
         channel.close()
 
 
+def raw_publisher(channel: Any, routing_key: str) -> Callable[[bytes], None]:
+    """Publish one body the plain-Kombu way every raw baseline uses: persistent text/plain, no confirm."""
+    producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+
+    def publish(body: bytes) -> None:
+        producer.publish(
+            body,
+            routing_key=routing_key,
+            delivery_mode=2,
+            content_type="text/plain",
+            content_encoding="utf-8",
+        )
+
+    return publish
+
+
 def prefill(url: str, queue: Queue, bodies: Sequence[bytes]) -> None:
     """Publish `bodies` with a raw loop (no confirms, not timed), then wait until the queue has them all."""
     with raw_connection(url) as conn:
         channel = conn.channel()
         queue(channel).declare()
-        producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+        publish = raw_publisher(channel, queue.name)
         for body in bodies:
-            producer.publish(
-                body,
-                routing_key=queue.name,
-                delivery_mode=2,
-                content_type="text/plain",
-                content_encoding="utf-8",
-            )
+            publish(body)
         deadline = time.monotonic() + 60
         while message_count(conn, queue.name) < len(bodies):
             if time.monotonic() > deadline:

@@ -6,8 +6,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from kombu import Exchange, Producer
-
 from benchmarks import plumbing
 from benchmarks.core import Config, Figure, Row, Step, Target
 from kqueue.brokers import connect
@@ -69,15 +67,9 @@ def figure(config: Config) -> Figure:
                 start = time.perf_counter()
                 channel = conn.channel()
                 queue(channel).declare()
-                producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+                publish = plumbing.raw_publisher(channel, name)
                 for body in bodies:
-                    producer.publish(
-                        body,
-                        routing_key=name,
-                        delivery_mode=2,
-                        content_type="text/plain",
-                        content_encoding="utf-8",
-                    )
+                    publish(body)
                 seconds = time.perf_counter() - start
             _expect(config, name, count, count)
             return {"raw_confirm_each" if confirm else "raw": count / seconds}
@@ -144,12 +136,10 @@ def _pipelined_confirms(config: Config, name: str, bodies: list[bytes]) -> float
         plumbing.raw_queue(name, config.queue_type)(channel).declare()
         channel.confirm_select()
         channel.events["basic_ack"].add(on_ack)
-        producer = Producer(channel, exchange=Exchange(""), auto_declare=False)
+        publish = plumbing.raw_publisher(channel, name)
         sent = 0
         for body in bodies:
-            producer.publish(
-                body, routing_key=name, delivery_mode=2, content_type="text/plain", content_encoding="utf-8"
-            )
+            publish(body)
             sent += 1
             if sent - acked_upto >= WINDOW and unconfirmed(sent) >= WINDOW:
                 while unconfirmed(sent) > WINDOW // 2:
