@@ -22,7 +22,7 @@ def runner() -> CliRunner:
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """memory:// allowed, since the tools run in this process; a queue of the test's own."""
-    monkeypatch.setattr(cli, "REFUSE_MEMORY", False)
+    monkeypatch.setattr(cli.common, "REFUSE_MEMORY", False)
     yield f"cli-{uuid.uuid4().hex[:10]}"
 
 

@@ -1,0 +1,105 @@
+"""``kqueue``: inspect and look after queues (stat, dead letters, purge)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from kqueue import __version__
+from kqueue.cli.common import CONTEXT, Group, broker_options, connect_queue
+from kqueue.logs import configure
+from kqueue.queues import declare
+
+
+@click.group("kqueue", cls=Group, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="kqueue")
+def admin_main() -> None:
+    """Inspect and look after kqueue's queues."""
+
+
+@admin_main.command("stat")
+@click.option(
+    "--management-url",
+    envvar="KQUEUE_MANAGEMENT_URL",
+    metavar="URL",
+    help="RabbitMQ management API, for unacknowledged counts  [default: the broker's host, port 15672].",
+)
+@broker_options
+def stat_command(management_url: str | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Messages ready, unacknowledged and consumers, for the queue and its dead letters.
+
+    '?' where the broker cannot tell.
+    """
+    from kqueue.admin import queue_stats
+
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
+    with conn:
+        rows = queue_stats(conn, queue, management_url)
+    width = max(len("queue"), *(len(row.name) for row in rows))
+    click.echo(f"{'queue':<{width}}  {'ready':>7}  {'unacked':>7}  {'consumers':>9}")
+    for row in rows:
+        click.echo(f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}")
+
+
+def _admin_connect(broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
+    """What every admin command starts with: quiet logs unless -v, then connect and declare."""
+    configure(logging.DEBUG if verbose else logging.WARNING)
+    return connect_queue(broker_url, queue_name, queue_type)
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+@admin_main.group("dead")
+def dead_group() -> None:
+    """The tasks that went to <queue>.dead: failed too often, undecodable, or delivered too often."""
+
+
+@dead_group.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Show at most N.")
+@broker_options
+def dead_list_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Show the dead letters, oldest first; they stay where they are."""
+    from kqueue.admin import dead_letters
+
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
+    with conn:
+        letters = dead_letters(conn, queue, limit)
+    for letter in letters:
+        click.echo(f"{letter.text!r}  reason={letter.reason} attempts={letter.attempts} error={letter.error}")
+    click.echo(f"{len(letters)} dead letters in {queue.name}.dead")
+
+
+@dead_group.command("retry")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Move at most N.")
+@broker_options
+def dead_retry_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Move dead letters back to the queue, for a fresh start once their cause is fixed."""
+    from kqueue.admin import retry_dead
+
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
+    with conn:
+        moved = retry_dead(conn, queue, limit)
+    click.echo(f"moved {moved} dead letters back to {queue.name}")
+
+
+@admin_main.command("purge")
+@click.option("--dead", is_flag=True, help="Purge <queue>.dead instead of the queue.")
+@click.option("--yes", is_flag=True, help="Do it: the tasks are gone for good.")
+@broker_options
+def purge_command(dead: bool, yes: bool, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+    """Delete every waiting task of the queue (or of its dead letters)."""
+    from kqueue.admin import purge
+    from kqueue.queues import dead_letter_queue
+
+    if not yes:
+        raise click.UsageError("purging deletes tasks for good: add --yes")
+    conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
+    with conn:
+        target = dead_letter_queue(queue) if dead else queue
+        declare(conn, target)
+        count = purge(conn, target)
+    click.echo(f"purged {count} messages from {target.name}")

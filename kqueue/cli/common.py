@@ -1,0 +1,116 @@
+"""What every tool shares: one-line errors, the broker options, connecting, logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from kqueue import __version__
+from kqueue.brokers import DEFAULT_URL, connect, open_connection
+from kqueue.errors import KQueueError
+from kqueue.queues import DEFAULT_QUEUE, QueueType, declare, task_queue
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("kqueue.cli")
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _one_line_main(command: click.Command, args: Sequence[str] | None, prog_name: str | None, extra: Any) -> Any:
+    """Run a click command so that bad input is one line on standard error, never a traceback."""
+    prog = prog_name or command.name or "kqueue"
+    try:
+        return click.Command.main(command, args, prog_name, standalone_mode=False, **extra)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        _fail(prog, exc.format_message(), 2)
+    except click.ClickException as exc:
+        _fail(prog, exc.format_message(), exc.exit_code)
+    except click.Abort:
+        _fail(prog, "aborted", 130)
+    except KQueueError as exc:
+        _fail(prog, str(exc), 1)
+    except Exception as exc:  # the last line of defence against a traceback
+        log.debug("unexpected error", exc_info=True)
+        _fail(prog, f"{type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+
+
+def _fail(prog: str, message: str, code: int) -> NoReturn:
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(code)
+
+
+class Command(click.Command):
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        return _one_line_main(self, args, prog_name, extra)
+
+
+class Group(click.Group):
+    command_class = Command
+    group_class = type
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        return _one_line_main(self, args, prog_name, extra)
+
+
+def broker_options(func: F) -> F:
+    """The options every tool shares: broker, queue, queue type, logging."""
+    decorators = [
+        click.option(
+            "--broker",
+            "broker_url",
+            envvar="KQUEUE_BROKER_URL",
+            default=DEFAULT_URL,
+            show_default=True,
+            metavar="URL",
+            help="Broker URL (env KQUEUE_BROKER_URL), e.g. amqp://user:pass@host:5672// or redis://host:6379/0.",
+        ),
+        click.option(
+            "--queue",
+            "queue_name",
+            envvar="KQUEUE_QUEUE",
+            default=DEFAULT_QUEUE,
+            show_default=True,
+            metavar="NAME",
+            help="Queue name (env KQUEUE_QUEUE).",
+        ),
+        click.option(
+            "--queue-type",
+            envvar="KQUEUE_QUEUE_TYPE",
+            type=click.Choice([t.value for t in QueueType]),
+            default=QueueType.CLASSIC.value,
+            show_default=True,
+            help="RabbitMQ queue type (env KQUEUE_QUEUE_TYPE); must match an existing queue.",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+        click.version_option(__version__, "--version", prog_name="kqueue"),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+#: The tools refuse memory://, whose queues die with the process. Tests that run
+#: the tools in-process (click's CliRunner) lift this.
+REFUSE_MEMORY = True
+
+
+def connect_queue(broker_url: str, queue_name: str, queue_type: str, heartbeat: float | None = None) -> tuple[Any, Any]:
+    """Connect and declare the queue, or fail with one line."""
+    if REFUSE_MEMORY and broker_url.split("://", 1)[0] == "memory":
+        raise click.UsageError(
+            "memory:// lives inside one process: a message sent to it is gone when the process exits; "
+            "use it from Python (kqueue.testing), and amqp:// or redis:// from the command line"
+        )
+    if not queue_name.strip():
+        raise click.UsageError("--queue must not be empty")
+    conn = open_connection(connect(broker_url, heartbeat=heartbeat))
+    queue = task_queue(queue_name, QueueType(queue_type))
+    declare(conn, queue)
+    return conn, queue

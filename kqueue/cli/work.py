@@ -1,0 +1,179 @@
+"""``kqueue-work``: the tutorial's worker.py; options become `WorkerSettings` here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from kqueue.brokers import DEFAULT_HEARTBEAT
+from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue
+from kqueue.errors import KQueueError
+from kqueue.handlers import Handler, dot_handler, load_handler
+from kqueue.logs import configure
+
+if TYPE_CHECKING:
+    from kqueue.worker import WorkerSettings
+
+
+@click.command("kqueue-work", cls=Command, context_settings=CONTEXT)
+@click.option("--handler", "handler_path", metavar="MODULE:FUNCTION", help="Run this callable with each task's text.")
+@click.option(
+    "--dot-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Without --handler: seconds of fake work per '.' in the task (the tutorial's worker).",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Tasks run at once (threads)."
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Unacknowledged messages the broker may hand this worker  [default: --concurrency].",
+)
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty and nothing is in flight.")
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, metavar="N", help="Exit after running N tasks.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM or Ctrl+C, how long running tasks get to finish before they are requeued.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Retries of a task whose handler raised.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Delay before the first retry; each next one waits twice as long.",
+)
+@click.option(
+    "--delivery-limit",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Deliveries without an ack (a worker killed mid-task) before a task is dead-lettered.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_HEARTBEAT,
+    show_default=True,
+    metavar="SECONDS",
+    help="AMQP heartbeat; 0 turns it off. ?heartbeat=N in the broker URL wins.",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No line per task, on standard output or in the log: only what needs attention.",
+)
+@broker_options
+def work_main(
+    handler_path: str | None,
+    dot_seconds: float,
+    heartbeat: float,
+    log_format: str,
+    quiet: bool,
+    broker_url: str,
+    queue_name: str,
+    queue_type: str,
+    verbose: bool,
+    **options: Any,
+) -> None:
+    """Work the tasks of a queue, acknowledging each once its handler returned."""
+    from kqueue.worker import Worker
+
+    configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
+    handler = _handler(handler_path, dot_seconds)
+    settings = worker_settings(options)
+    conn, queue = connect_queue(broker_url, queue_name, queue_type, heartbeat)
+    conn.release()
+    worker = (Worker if quiet else _console_worker(Worker))(conn, queue, handler, settings)
+    click.echo(" [*] Waiting for messages. To exit press CTRL+C")
+    with _stop_on_signals(worker):
+        worker.run()
+    worker.close()
+
+
+def worker_settings(options: dict[str, Any]) -> WorkerSettings:
+    """The one place where command-line options become `WorkerSettings`: the option names are its fields."""
+    from kqueue.worker import WorkerSettings
+
+    return WorkerSettings(**options).validate()
+
+
+def _handler(path: str | None, dot_seconds: float) -> Handler:
+    if path is None:
+        return dot_handler(dot_seconds)
+    # As with `python -m`, the user's own modules in the current folder import.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return load_handler(path)
+    except KQueueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--handler'") from None
+
+
+def _console_worker(base: type) -> type:
+    class ConsoleWorker(base):  # type: ignore[valid-type,misc]
+        """Prints the tutorial's lines as each task starts and ends."""
+
+        def on_task_start(self, task: Any) -> None:
+            _say(f" [x] Received {task.text!r}")
+
+        def on_task_done(self, task: Any) -> None:
+            if task.error is None:
+                _say(" [x] Done")
+            else:
+                _say(f" [!] Failed: {type(task.error).__name__}: {task.error}")
+
+    return ConsoleWorker
+
+
+def _say(line: str) -> None:
+    """A line on standard output at once, pipe or not; lighter than click.echo, once per task."""
+    stream = sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+class _stop_on_signals:
+    """The first SIGTERM or SIGINT stops taking tasks; a second one stops at once."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.signals = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Python runs this between any two bytecodes of the main thread, which
+        # may hold a lock or be writing a log line: record and wake, nothing
+        # more. The worker's loop logs the signal and acts on it.
+        self.signals += 1
+        self.worker.stop(now=self.signals > 1, reason=signal.Signals(signum).name)
