@@ -77,20 +77,17 @@ def queue_stats(conn: Connection, queue: Queue, management_url: str | None = Non
 
 
 def _amqp_stats(conn: Connection, queue: Queue, api: _Management) -> QueueStats:
-    from_api = api.queue(queue.name)
-    if from_api is not None:
-        return QueueStats(
-            queue.name,
-            int(from_api.get("messages_ready", 0)),
-            int(from_api.get("messages_unacknowledged", 0)),
-            int(from_api.get("consumers", 0)),
-        )
+    # Ready and consumers are exact from a passive declare, this very moment;
+    # the management API's figures lag by up to 5 s, so only the count the
+    # declare cannot give, unacknowledged, comes from there.
     with _channel(conn) as channel:
         try:
             declared = channel.queue_declare(queue.name, passive=True)
         except conn.channel_errors:
             return QueueStats(queue.name, 0, 0, 0)
-    return QueueStats(queue.name, declared.message_count, None, declared.consumer_count)
+    from_api = api.queue(queue.name)
+    unacked = None if from_api is None else int(from_api.get("messages_unacknowledged", 0))
+    return QueueStats(queue.name, declared.message_count, unacked, declared.consumer_count)
 
 
 def _virtual_stats(conn: Connection, queue: Queue) -> QueueStats:

@@ -152,6 +152,15 @@ def test_stat_shows_the_task_a_worker_holds(broker_queue: tuple[str, Queue], wor
     assert stat_rows(url, queue)[f"{queue.name}.dead"][:2] == ["0", "0"]
 
 
+def test_stat_counts_tasks_sent_a_moment_ago(broker_queue: tuple[str, Queue]) -> None:
+    url, queue = broker_queue
+    for text in ("one", "two", "three"):
+        assert run_send(url, queue.name, text).returncode == 0
+
+    # At once: RabbitMQ's management figures would not have the new queue yet
+    assert stat_rows(url, queue)[queue.name][0] == "3"
+
+
 # -- RabbitMQ only: what only AMQP has ---------------------------------------------------------
 
 
