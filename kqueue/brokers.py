@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -23,6 +24,7 @@ __all__ = [
     "open_connection",
     "read_ahead",
     "read_arrived",
+    "watch_blocked",
 ]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672//"
@@ -206,3 +208,24 @@ def read_arrived(conn: Connection) -> None:
                     return
     except TimeoutError:
         pass  # py-amqp keeps the part of a frame it read for the next call
+
+
+def watch_blocked(conn: Connection, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]) -> None:
+    """Call `on_blocked(reason)` when RabbitMQ blocks this connection, `on_unblocked()` when it lets go.
+
+    RabbitMQ stops reading from a connection that publishes while a memory or
+    disk alarm is up (``connection.blocked``). py-amqp reports it, but drops
+    the broker's reason for a fixed text; the reason (``low on memory``) is
+    the one thing an operator needs, so this reads it from the method itself.
+    Only AMQP connections, once connected; others are left alone.
+    """
+    if not is_amqp(conn):
+        return
+    from amqp import spec
+
+    amqp = conn.connection
+    methods = dict(amqp._METHODS)
+    methods[spec.Connection.Blocked] = spec.method(spec.Connection.Blocked, "s")
+    amqp._METHODS = methods  # this connection's own table: the class's stays as it is
+    amqp._callbacks[spec.Connection.Blocked] = lambda reason="": on_blocked(reason or "no reason given")
+    amqp._callbacks[spec.Connection.Unblocked] = on_unblocked

@@ -9,6 +9,7 @@ __all__ = [
     "KQueueError",
     "PublishFailed",
     "QueueMismatch",
+    "describe",
     "is_ack_timeout",
     "queue_mismatch",
 ]
@@ -46,6 +47,11 @@ class PublishFailed(KQueueError):
     def __init__(self, message: str, confirmed: int) -> None:
         super().__init__(message)
         self.confirmed = confirmed
+
+
+def describe(exc: BaseException) -> str:
+    """An error's message, or its class name where the message is empty (``str(TimeoutError())`` is '')."""
+    return str(exc) or type(exc).__name__
 
 
 def _value(text: str) -> str | None:

@@ -11,8 +11,8 @@ from typing import Any
 
 from kombu import Connection, Queue
 
-from kqueue.brokers import has_arrived, is_amqp, mask, read_arrived
-from kqueue.errors import PublishFailed
+from kqueue.brokers import has_arrived, is_amqp, mask, read_arrived, watch_blocked
+from kqueue.errors import PublishFailed, describe
 from kqueue.queues import declare
 
 __all__ = ["Outgoing", "Sender", "send"]
@@ -65,6 +65,7 @@ class Sender:
         also: other queues this sender may publish to, each declared before its first message.
         window: how many unconfirmed messages may be in flight.
         reconnect_for: seconds to keep trying to reconnect before giving up.
+        confirm_timeout: seconds without a confirm, the connection up, before giving up.
     """
 
     def __init__(
@@ -75,12 +76,14 @@ class Sender:
         also: Iterable[Queue] = (),
         window: int = CONFIRM_WINDOW,
         reconnect_for: float = RECONNECT_FOR,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
         self.connection = connection
         self.queue = queue
         self._queues = {q.name: q for q in (queue, *also)}
         self.window = max(1, window)
         self.reconnect_for = reconnect_for
+        self.confirm_timeout = confirm_timeout
         self.confirmed = 0
         self._channel: Any = None
         # Whether the broker confirms (and returns unroutable messages): AMQP does.
@@ -90,6 +93,11 @@ class Sender:
         self._unconfirmed: OrderedDict[int, Outgoing] = OrderedDict()
         self._next_tag = 1
         self._returned: list[str] = []
+        #: Keep the messages confirmed since the last `settled()` call (see `post`).
+        self.track = False
+        self._settled: list[Outgoing] = []
+        #: Why the broker blocked this connection (a resource alarm), while it does.
+        self.blocked: str | None = None
 
     def __enter__(self) -> Sender:
         return self
@@ -98,13 +106,53 @@ class Sender:
         self.close()
 
     def close(self) -> None:
-        """Close the sender's channel; the connection stays the caller's."""
+        """Close the sender's channel; the connection stays the caller's.
+
+        A connection the broker blocks is closed outright instead: the broker
+        reads nothing from it, so a polite close would wait for ever.
+        """
         channel, self._channel = self._channel, None
+        if self.blocked is not None:
+            self.connection.collect()
+            return
         if channel is not None:
             try:
                 channel.close()
             except Exception:  # noqa: BLE001 - closing a broken channel cannot fail usefully
                 pass
+
+    def open(self) -> None:
+        """Connect and declare every queue of this sender now, rather than before its first message.
+
+        For a sender that must not wait on the broker later: once a blocked
+        connection has published, a declaration on it would wait as long as
+        the block lasts.
+        """
+        self._ensure_channel()
+        for name in self._queues:
+            self._declare(name)
+
+    def post(self, message: Outgoing) -> None:
+        """Publish one message without waiting for its confirm; `settled()` hands it back once confirmed.
+
+        For a caller with a loop of its own (the worker's retries and dead
+        letters). Sets `track`. A lost connection raises; what was posted and
+        not settled is then the caller's to account for.
+        """
+        self.track = True
+        self._ensure_channel()
+        self._publish_one(message, None)
+
+    def settled(self) -> list[Outgoing]:
+        """The posted messages confirmed since the last call, taking in the confirms that have arrived."""
+        if self._confirms and self._unconfirmed and has_arrived(self.connection):
+            read_arrived(self.connection)
+        settled, self._settled = self._settled, []
+        return settled
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
 
     def send(self, text: str) -> None:
         """Send one task and wait for the broker's confirm.
@@ -166,6 +214,8 @@ class Sender:
             # A publish that returned is as confirmed as this transport gets.
             del self._unconfirmed[tag]
             self.confirmed += 1
+            if self.track:
+                self._settled.append(message)
             if on_confirmed is not None:
                 on_confirmed(self.confirmed)
         elif len(self._unconfirmed) >= self.window:
@@ -196,14 +246,15 @@ class Sender:
 
     def _await_confirms(self, at_most: int, on_confirmed: Callable[[int], None] | None) -> None:
         """Drain the connection until no more than `at_most` messages are unconfirmed."""
-        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        deadline = time.monotonic() + self.confirm_timeout
         while len(self._unconfirmed) > at_most:
             before = self.confirmed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                why = f" (it blocked this connection: {self.blocked})" if self.blocked else ""
                 raise PublishFailed(
                     f"broker {self._where} did not confirm {len(self._unconfirmed)} messages "
-                    f"within {CONFIRM_TIMEOUT:.0f}s",
+                    f"within {self.confirm_timeout:g}s{why}",
                     self.confirmed,
                 )
             try:
@@ -211,7 +262,7 @@ class Sender:
             except TimeoutError:
                 self.connection.heartbeat_check()
             if self.confirmed != before:
-                deadline = time.monotonic() + CONFIRM_TIMEOUT
+                deadline = time.monotonic() + self.confirm_timeout
                 if on_confirmed is not None:
                     on_confirmed(self.confirmed)
 
@@ -237,7 +288,25 @@ class Sender:
         return settled
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
-        self.confirmed += len(self._settle(tag, multiple))
+        settled = self._settle(tag, multiple)
+        self.confirmed += len(settled)
+        if self.track:
+            self._settled.extend(settled)
+
+    def on_blocked(self, reason: str) -> None:
+        """The broker blocked this connection (a resource alarm); a hook: this one logs it."""
+        self.blocked = reason
+        log.warning(
+            "broker %s blocked this connection (%s): it takes no messages until the alarm clears; "
+            "waiting up to %gs for each confirm",
+            self._where,
+            reason,
+            self.confirm_timeout,
+        )
+
+    def on_unblocked(self) -> None:
+        self.blocked = None
+        log.warning("broker %s unblocked this connection; sending again", self._where)
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
         # The broker could not take these (e.g. an internal error): publish them again.
@@ -274,6 +343,7 @@ class Sender:
         channel = self.connection.channel()
         self._confirms = is_amqp(self.connection)
         if self._confirms:
+            watch_blocked(self.connection, self.on_blocked, self.on_unblocked)
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
@@ -301,7 +371,7 @@ class Sender:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishFailed(
-                    f"lost the connection to broker {self._where} ({exc or type(exc).__name__}) "
+                    f"lost the connection to broker {self._where} ({describe(exc)}) "
                     f"and it did not come back within {self.reconnect_for:g}s",
                     self.confirmed,
                 ) from None

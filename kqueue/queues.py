@@ -9,7 +9,7 @@ from kombu import Connection, Exchange, Queue
 
 from kqueue.errors import queue_mismatch
 
-__all__ = ["DEFAULT_QUEUE", "QueueType", "dead_letter_queue", "declare", "messages_ready", "task_queue"]
+__all__ = ["DEFAULT_QUEUE", "QueueType", "dead_letter_queue", "declare", "is_quorum", "messages_ready", "task_queue"]
 
 DEFAULT_QUEUE = "task_queue"
 #: Appended to a task queue's name to name its dead-letter queue.
@@ -34,6 +34,11 @@ class QueueType(str, Enum):
 def task_queue(name: str = DEFAULT_QUEUE, queue_type: QueueType = QueueType.CLASSIC) -> Queue:
     """The durable queue named `name` on the default exchange, routing key = name."""
     return _durable(name, queue_type.arguments() or None)
+
+
+def is_quorum(queue: Queue) -> bool:
+    """Whether `queue` is declared as a RabbitMQ quorum queue."""
+    return (queue.queue_arguments or {}).get("x-queue-type") == QueueType.QUORUM.value
 
 
 def dead_letter_queue(queue: Queue) -> Queue:

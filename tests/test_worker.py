@@ -421,3 +421,45 @@ def test_burst_on_an_empty_queue_returns(make_worker: Callable[..., Recorder]) -
     worker.run()
 
     assert worker.tasks_run == 0
+
+
+def test_max_tasks_is_not_exceeded_by_a_held_retry(
+    memory_conn: Connection, queue: Queue, make_worker: Callable[..., Recorder]
+) -> None:
+    failed: set[str] = set()
+
+    def fails_once(text: str) -> None:
+        if text == "fails once" and text not in failed:
+            failed.add(text)
+            raise RuntimeError("transient")
+
+    worker = make_worker(fails_once, max_tasks=2, prefetch=3, concurrency=1, retry_delay=0.3)
+    send(memory_conn, queue, ["fails once"])
+    stepper = Stepper(worker)
+    # Given the failed task's retry held by the worker until its time
+    stepper.until(lambda: len(worker._held) == 1)
+
+    # When another task arrives and runs, reaching the quota of two
+    send(memory_conn, queue, ["second"])
+    stepper.finish()
+
+    # Then the retry does not run as a third task: it is back in the queue
+    assert worker.started == ["fails once", "second"]
+    assert worker.tasks_run == 2
+    assert messages_ready(memory_conn.default_channel, queue) == 1
+
+
+def test_a_stop_asked_from_a_signal_handler_is_logged_by_the_loop(
+    memory_conn: Connection, queue: Queue, make_worker: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = make_worker()
+    stepper = Stepper(worker)
+    stepper.steps_taken(1)
+
+    # When a signal handler asks for a stop, nothing is logged there
+    with caplog.at_level("WARNING", logger="kqueue"):
+        worker.stop(reason="SIGTERM")
+        assert caplog.records == []
+        # Then the loop logs it on its next step, and ends
+        stepper.finish()
+    assert [record.getMessage() for record in caplog.records] == ["SIGTERM: finishing running tasks, taking no more"]

@@ -261,3 +261,40 @@ def test_a_task_running_through_a_broker_restart_is_done_again_and_the_worker_go
     finally:
         rabbit.start()
         delete_queues(amqp_url, queue.name, f"{queue.name}.dead")
+
+
+def test_a_restart_with_prefetch_above_concurrency_runs_only_the_running_task_twice(
+    amqp_url: str, workers: list[Worker], tmp_path: Path
+) -> None:
+    rabbit.local_rabbitmq(amqp_url)
+    queue = task_queue(unique("restart-prefetch"))
+    # One long task (3 s) and nine short ones, all handed to a worker that runs one at a time
+    tasks = ["long..............."] + [f"short {i}." for i in range(9)]
+    batch = tmp_path / "tasks.txt"
+    batch.write_text("\n".join(tasks) + "\n")
+    try:
+        worker = start(workers, amqp_url, queue, "--prefetch", "10", "--concurrency", "1", "--dot-seconds", "0.2")
+        assert run_send(amqp_url, queue.name, "--file", str(batch)).returncode == 0
+        worker.wait_for(" [x] Received 'long...............'")
+        wait_for(lambda: ready(amqp_url, queue) == 0, message="all ten handed to the worker")
+
+        # When the broker goes away while the long one runs and nine wait behind it
+        rabbit.stop()
+        worker.wait_for("reconnecting", stream="err")
+        rabbit.start()
+
+        # Then every task is done, and only the one that was running is done twice: once the
+        # worker is back, a last task queued behind whatever the broker delivers again marks the end
+        worker.wait_for("consuming", count=2, stream="err", timeout=60)
+        assert run_send(amqp_url, queue.name, "last").returncode == 0
+        worker.wait_for(" [x] Received 'last'", timeout=60)
+        wait_for(lambda: sum(line == " [x] Done" for line in list(worker.out)) == len(worker.received()), timeout=30)
+        received = worker.received()[:-1]
+        twice = sorted({text for text in received if received.count(text) > 1})
+        assert set(received) == set(tasks), worker.transcript()
+        assert len(received) <= len(tasks) + 1 and len(twice) <= 1, worker.transcript()
+        lost_line = next(line for line in worker.err if "reconnecting" in line)
+        assert "(1 running tasks will be delivered again)" in lost_line, worker.transcript()
+    finally:
+        rabbit.start()
+        delete_queues(amqp_url, queue.name, f"{queue.name}.dead")

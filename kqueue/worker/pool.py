@@ -1,0 +1,108 @@
+"""The handler threads: they run tasks and do no network I/O but one early ack, through the task's ledger."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from queue import SimpleQueue
+
+from kqueue.handlers import Handler
+from kqueue.worker.mailbox import Mailbox
+from kqueue.worker.task import Task
+
+__all__ = ["Pool"]
+
+Hook = Callable[[Task], None]
+
+
+class Pool:
+    """Daemon threads that run handlers, so a hard stop does not wait for a handler.
+
+    Each finished task goes back to the connection thread through the
+    mailbox. A task that succeeded is first offered to its ledger for an early
+    ack, which the ledger sends only if it can take the connection at once.
+
+    Parameters:
+        size: threads, the worker's concurrency.
+        handler: called with each task's text.
+        mailbox: where finished tasks go.
+        on_start, on_done: the worker's hooks, called on the handler's thread.
+    """
+
+    def __init__(self, size: int, handler: Handler, mailbox: Mailbox, on_start: Hook, on_done: Hook) -> None:
+        self._handler = handler
+        self._mailbox = mailbox
+        self._on_start = on_start
+        self._on_done = on_done
+        self._jobs: SimpleQueue[Task | None] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._size = 0
+        self._surplus = 0
+        self._names = itertools.count()
+        self._start(size)
+
+    def _start(self, count: int) -> None:
+        with self._lock:
+            self._size += count
+        for _ in range(count):
+            name = f"kqueue-task-{next(self._names)}"
+            threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            return self._size
+
+    def submit(self, task: Task) -> None:
+        self._jobs.put(task)
+
+    def grow(self, count: int) -> None:
+        """Add threads for tasks whose channel is gone but whose handlers still run.
+
+        Their results cannot be acked, but they hold a thread: without more,
+        the tasks of the new channel would wait behind them. The pool shrinks
+        back as threads finish.
+        """
+        if count <= 0:
+            return
+        with self._lock:
+            self._surplus += count
+        self._start(count)
+
+    def shutdown(self) -> None:
+        """Let every thread end once it has no task: one sentinel per thread."""
+        with self._lock:
+            count = self._size
+        for _ in range(count):
+            self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while (task := self._jobs.get()) is not None:
+            if not task.claim():  # cancelled: given back, or its channel is gone
+                continue
+            self._run(task)
+            with self._lock:
+                if self._surplus > 0:
+                    self._surplus -= 1
+                    self._size -= 1
+                    return
+        with self._lock:
+            self._size -= 1
+
+    def _run(self, task: Task) -> None:
+        task.started = time.monotonic()
+        try:
+            self._on_start(task)
+            self._handler(task.text)
+        except BaseException as exc:  # noqa: BLE001 - any failure of the handler is the task's
+            task.error = exc
+        task.duration = time.monotonic() - task.started
+        task.finish()
+        try:
+            self._on_done(task)
+        finally:
+            if task.error is None:
+                task.ledger.ack_early(task)
+            self._mailbox.post(task)
