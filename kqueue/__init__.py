@@ -14,6 +14,12 @@ The same code runs on RabbitMQ, Redis and Kombu's in-memory transport
 
 from __future__ import annotations
 
+from kombu.transport import TRANSPORT_ALIASES
+
 __version__ = "0.1.0"
+
+# ``sqlite://`` (kqueue.sqlite) for every Kombu connection once kqueue is
+# imported; the module itself loads only when such a URL is used.
+TRANSPORT_ALIASES.setdefault("sqlite", "kqueue.sqlite:Transport")
 
 __all__ = ["__version__"]

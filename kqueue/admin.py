@@ -67,9 +67,14 @@ def queue_stats(conn: Connection, queue: Queue, management_url: str | None = Non
     On RabbitMQ the unacknowledged count comes from the management API when it
     answers (`management_url`, by default the broker's host on port 15672);
     without it that count is unknown. On Redis it is counted from Kombu's
-    record of unacknowledged deliveries; consumers are unknown there.
+    record of unacknowledged deliveries; consumers are unknown there. On
+    ``sqlite://`` all three are exact.
     """
     queues = [queue, dead_letter_queue(queue)]
+    if conn.transport.driver_type == "sqlite":
+        from kqueue.sqlite import queue_stats as sqlite_stats
+
+        return [QueueStats(q.name, *sqlite_stats(conn, q.name)) for q in queues]
     if is_amqp(conn):
         api = _Management(management_url or management_url_for(conn.as_uri(include_password=True)), conn)
         return [_amqp_stats(conn, q, api) for q in queues]

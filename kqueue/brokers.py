@@ -16,6 +16,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_URL",
+    "confirms",
     "connect",
     "has_arrived",
     "has_read",
@@ -122,6 +123,11 @@ def connect(
     options.update(url_options)
     conn.transport_options.update(options)
     return conn
+
+
+def confirms(conn: Connection) -> bool:
+    """Whether the transport confirms what it has stored: AMQP's publisher confirms, or ``sqlite://``'s commits."""
+    return bool(conn.transport.driver_type in ("amqp", "sqlite"))
 
 
 def is_amqp(conn: Connection) -> bool:

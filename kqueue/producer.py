@@ -11,7 +11,7 @@ from typing import Any
 
 from kombu import Connection, Queue
 
-from kqueue.brokers import has_arrived, is_amqp, mask, read_arrived, watch_blocked
+from kqueue.brokers import confirms, has_arrived, is_amqp, mask, read_arrived, watch_blocked
 from kqueue.errors import PublishFailed, describe
 from kqueue.queues import declare
 
@@ -88,6 +88,7 @@ class Sender:
         self._channel: Any = None
         # Whether the broker confirms (and returns unroutable messages): AMQP does.
         self._confirms = False
+        self._amqp = False
         self._declared: set[str] = set()
         # Unconfirmed messages by delivery tag, in publish order.
         self._unconfirmed: OrderedDict[int, Outgoing] = OrderedDict()
@@ -145,8 +146,8 @@ class Sender:
 
     def settled(self) -> list[Outgoing]:
         """The posted messages confirmed since the last call, taking in the confirms that have arrived."""
-        if self._confirms and self._unconfirmed and has_arrived(self.connection):
-            read_arrived(self.connection)
+        if self._confirms and self._unconfirmed:
+            self._take_confirms()
         settled, self._settled = self._settled, []
         return settled
 
@@ -220,7 +221,7 @@ class Sender:
                 on_confirmed(self.confirmed)
         elif len(self._unconfirmed) >= self.window:
             self._await_confirms(self.window // 2, on_confirmed)
-        elif not tag % CONFIRM_POLL and has_arrived(self.connection):
+        elif not tag % CONFIRM_POLL and self._amqp and has_arrived(self.connection):
             # Collect the confirms that are in already, so the window seldom fills
             # and the broker is never left idle while this waits for it.
             self._collect(on_confirmed)
@@ -265,6 +266,17 @@ class Sender:
                 deadline = time.monotonic() + self.confirm_timeout
                 if on_confirmed is not None:
                     on_confirmed(self.confirmed)
+
+    def _take_confirms(self) -> None:
+        """Take in the confirms that have arrived, without waiting for more.
+
+        On AMQP they are frames already read or on the socket; ``sqlite://``
+        confirms what it commits, so committing what is pending is the way to them.
+        """
+        if not self._amqp:
+            self._channel.flush()
+        elif has_arrived(self.connection):
+            read_arrived(self.connection)
 
     def _collect(self, on_confirmed: Callable[[int], None] | None) -> None:
         """Take in the confirms that have arrived, without waiting for more."""
@@ -341,7 +353,8 @@ class Sender:
             return
         self.connection.ensure_connection(max_retries=1, interval_start=0, timeout=10)
         channel = self.connection.channel()
-        self._confirms = is_amqp(self.connection)
+        self._amqp = is_amqp(self.connection)
+        self._confirms = self._amqp or confirms(self.connection)
         if self._confirms:
             watch_blocked(self.connection, self.on_blocked, self.on_unblocked)
             channel.confirm_select()

@@ -97,9 +97,11 @@ def docker_compose_file() -> str:
     return str(ROOT / "docker-compose.yml")
 
 
-@pytest.fixture(params=["amqp", "redis"])
-def broker_url(request: pytest.FixtureRequest) -> str:
-    """Each real broker in turn: the same contract runs on every one."""
+@pytest.fixture(params=["amqp", "redis", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Each real broker in turn: the same contract runs on every one (``sqlite://``: a file of its own)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'queues.db'}"
     return _broker_url(request.param, request)
 
 

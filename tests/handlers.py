@@ -37,3 +37,17 @@ def fail_bad(text: str) -> None:
     """Fail the tasks whose text starts with 'bad'; do the rest."""
     if text.startswith("bad"):
         raise RuntimeError(f"cannot handle {text!r}")
+
+
+def chaos_record(text: str) -> None:
+    """Record this run's start and end in a file of this process's own, with a short pause between."""
+    import os
+    import time
+    from pathlib import Path
+
+    log = Path(os.environ["KQUEUE_TEST_RECORDS"]) / f"{os.getpid()}.log"
+    with log.open("a") as out:
+        out.write(f"start {text}\n")
+        out.flush()
+        time.sleep(0.01)
+        out.write(f"done {text}\n")

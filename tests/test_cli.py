@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
@@ -204,3 +205,24 @@ def test_work_quiet_prints_no_line_per_task(runner: CliRunner, in_process: str) 
     assert result.stdout.splitlines() == [" [*] Waiting for messages. To exit press CTRL+C"]
     assert "task done" not in result.stderr
     assert ready(in_process) == 0
+
+
+def test_without_a_broker_the_tools_use_a_sqlite_file_in_the_data_directory_and_say_so(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path), "KQUEUE_BROKER_URL": None}
+    expected = f"sqlite:///{tmp_path / 'kqueue' / 'queues.db'}"
+
+    sent = runner.invoke(cli.send_main, ["First message."], env=env)
+    worked = runner.invoke(cli.work_main, ["--burst", "--dot-seconds", "0"], env=env)
+
+    assert sent.exit_code == 0, sent.output
+    assert sent.stdout == " [x] Sent 'First message.'\n"
+    assert sent.stderr.splitlines() == [
+        f"kqueue-send: broker {expected} (the default; --broker or KQUEUE_BROKER_URL for another)"
+    ]
+    assert (tmp_path / "kqueue" / "queues.db").exists()
+    assert worked.exit_code == 0, worked.output
+    assert " [x] Received 'First message.'" in worked.stdout
+    assert expected in worked.stderr
+    assert "a SQLite file in your data directory" in " ".join(runner.invoke(cli.send_main, ["--help"]).stdout.split())

@@ -27,7 +27,9 @@ def admin_main() -> None:
     help="RabbitMQ management API, for unacknowledged counts  [default: the broker's host, port 15672].",
 )
 @broker_options
-def stat_command(management_url: str | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+def stat_command(
+    management_url: str | None, broker_url: str | None, queue_name: str, queue_type: str, verbose: bool
+) -> None:
     """Messages ready, unacknowledged and consumers, for the queue and its dead letters.
 
     '?' where the broker cannot tell.
@@ -43,7 +45,7 @@ def stat_command(management_url: str | None, broker_url: str, queue_name: str, q
         click.echo(f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}")
 
 
-def _admin_connect(broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
+def _admin_connect(broker_url: str | None, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
     """What every admin command starts with: quiet logs unless -v, then connect and declare."""
     configure(logging.DEBUG if verbose else logging.WARNING)
     return connect_queue(broker_url, queue_name, queue_type)
@@ -61,7 +63,9 @@ def dead_group() -> None:
 @dead_group.command("list")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Show at most N.")
 @broker_options
-def dead_list_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+def dead_list_command(
+    limit: int | None, broker_url: str | None, queue_name: str, queue_type: str, verbose: bool
+) -> None:
     """Show the dead letters, oldest first; they stay where they are."""
     from kqueue.admin import dead_letters
 
@@ -76,7 +80,9 @@ def dead_list_command(limit: int | None, broker_url: str, queue_name: str, queue
 @dead_group.command("retry")
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Move at most N.")
 @broker_options
-def dead_retry_command(limit: int | None, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+def dead_retry_command(
+    limit: int | None, broker_url: str | None, queue_name: str, queue_type: str, verbose: bool
+) -> None:
     """Move dead letters back to the queue, for a fresh start once their cause is fixed."""
     from kqueue.admin import retry_dead
 
@@ -90,7 +96,9 @@ def dead_retry_command(limit: int | None, broker_url: str, queue_name: str, queu
 @click.option("--dead", is_flag=True, help="Purge <queue>.dead instead of the queue.")
 @click.option("--yes", is_flag=True, help="Do it: the tasks are gone for good.")
 @broker_options
-def purge_command(dead: bool, yes: bool, broker_url: str, queue_name: str, queue_type: str, verbose: bool) -> None:
+def purge_command(
+    dead: bool, yes: bool, broker_url: str | None, queue_name: str, queue_type: str, verbose: bool
+) -> None:
     """Delete every waiting task of the queue (or of its dead letters)."""
     from kqueue.admin import purge
     from kqueue.queues import dead_letter_queue

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from kqueue import __version__
-from kqueue.brokers import DEFAULT_URL, connect, open_connection
+from kqueue.brokers import connect, open_connection
 from kqueue.errors import KQueueError
 from kqueue.queues import DEFAULT_QUEUE, QueueType, declare, task_queue
 
@@ -66,10 +68,13 @@ def broker_options(func: F) -> F:
             "--broker",
             "broker_url",
             envvar="KQUEUE_BROKER_URL",
-            default=DEFAULT_URL,
-            show_default=True,
+            default=None,
             metavar="URL",
-            help="Broker URL (env KQUEUE_BROKER_URL), e.g. amqp://user:pass@host:5672// or redis://host:6379/0.",
+            help=(
+                "Broker URL (env KQUEUE_BROKER_URL), e.g. amqp://user:pass@host:5672//, redis://host:6379/0 "
+                "or sqlite:////path/to/queues.db  [default: a SQLite file in your data directory, "
+                "$XDG_DATA_HOME/kqueue/queues.db, ~/.local/share/kqueue/queues.db if unset]"
+            ),
         ),
         click.option(
             "--queue",
@@ -101,16 +106,33 @@ def broker_options(func: F) -> F:
 REFUSE_MEMORY = True
 
 
-def connect_queue(broker_url: str, queue_name: str, queue_type: str, heartbeat: float | None = None) -> tuple[Any, Any]:
-    """Connect and declare the queue, or fail with one line."""
-    if REFUSE_MEMORY and broker_url.split("://", 1)[0] == "memory":
-        raise click.UsageError(
-            "memory:// lives inside one process: a message sent to it is gone when the process exits; "
-            "use it from Python (kqueue.testing), and amqp:// or redis:// from the command line"
-        )
+def default_broker_url() -> str:
+    """``sqlite://`` on a file in the user's data directory (XDG), its folder made: nothing to install."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    folder = Path(base) / "kqueue"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KQueueError(f"cannot make {folder} for the default broker's file ({exc}): give --broker") from None
+    return f"sqlite:///{folder / 'queues.db'}"
+
+
+def connect_queue(
+    broker_url: str | None, queue_name: str, queue_type: str, heartbeat: float | None = None
+) -> tuple[Any, Any]:
+    """Connect and declare the queue, or fail with one line. No URL: the default broker, named on stderr."""
     if not queue_name.strip():
         raise click.UsageError("--queue must not be empty")
-    conn = open_connection(connect(broker_url, heartbeat=heartbeat))
+    url = broker_url or default_broker_url()
+    if REFUSE_MEMORY and url.split("://", 1)[0] == "memory":
+        raise click.UsageError(
+            "memory:// lives inside one process: a message sent to it is gone when the process exits; "
+            "use it from Python (kqueue.testing), and sqlite://, amqp:// or redis:// from the command line"
+        )
+    conn = open_connection(connect(url, heartbeat=heartbeat))
     queue = task_queue(queue_name, QueueType(queue_type))
     declare(conn, queue)
+    if broker_url is None:
+        prog = click.get_current_context().find_root().info_name
+        click.echo(f"{prog}: broker {url} (the default; --broker or KQUEUE_BROKER_URL for another)", err=True)
     return conn, queue

@@ -45,7 +45,7 @@ def send_main(
     path: Any,
     retry_for: float,
     confirm_timeout: float,
-    broker_url: str,
+    broker_url: str | None,
     queue_name: str,
     queue_type: str,
     verbose: bool,

@@ -92,7 +92,7 @@ def work_main(
     heartbeat: float,
     log_format: str,
     quiet: bool,
-    broker_url: str,
+    broker_url: str | None,
     queue_name: str,
     queue_type: str,
     verbose: bool,

@@ -85,6 +85,7 @@ class Worker(ConsumerMixin):
         self._consumer: Any = None
         self._prefetch = self.settings.prefetch_count  # as the broker has it now
         self._raise_prefetch: Callable[[int], None] | None = None
+        self._wake_fd: int | None = None  # what the transport wakes us through, where it has one
         self._consuming = False
         self._idle = False
         self._empty_readings = 0
@@ -186,8 +187,13 @@ class Worker(ConsumerMixin):
     def on_consume_ready(self, connection: Connection, channel: Any, consumers: Any, **kwargs: Any) -> None:
         self._conn = connection
         self._prefetch = self.settings.prefetch_count
+        self._wake_fd = None
         if is_amqp(connection):
             read_ahead(connection)
+        elif connection.transport.driver_type == "sqlite":
+            from kqueue.sqlite import wake_fd
+
+            self._wake_fd = wake_fd(connection)
         self._consuming = True
         log.info(
             "consuming", extra=fields(queue=self.queue.name, broker=self._where, prefetch=self.settings.prefetch_count)
@@ -487,11 +493,27 @@ class Worker(ConsumerMixin):
             self._wait_amqp(conn, timeout)
         elif len(self._inflight) >= self.settings.prefetch_count or not self._consuming:
             self._pause(timeout)  # the broker will hand us nothing: wait for a handler instead
+        elif self._wake_fd is not None:
+            self._wait_woken(conn, self._wake_fd, timeout)
         else:
             try:
                 conn.drain_events(timeout=min(timeout, 0.05))
             except TimeoutError:
                 self._idle = True
+
+    def _wait_woken(self, conn: Connection, fd: int, timeout: float) -> None:
+        """A transport that tells when a task may be ready (``sqlite://``): wait on it and the mailbox at once."""
+        ready, _, _ = select.select([fd, self._mailbox.fd], [], [], timeout)
+        if self._mailbox.fd in ready:
+            self._mailbox.clear()
+        delivered = 0
+        while delivered <= self._prefetch:  # the transport stops at the prefetch limit; this bounds the loop
+            try:
+                conn.drain_events(timeout=0)
+            except TimeoutError:
+                break
+            delivered += 1
+        self._idle = not ready and not delivered
 
     def _pause(self, timeout: float) -> None:
         """Wait for the mailbox (a finished task, a stop asked) or the timeout."""
