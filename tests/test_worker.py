@@ -377,7 +377,7 @@ def test_prefetched_tasks_that_never_started_go_back_on_stop(
     worker = make_worker(lambda text: release.wait(5), prefetch=3, concurrency=1, grace=5)
     send(memory_conn, queue, ["one", "two", "three"])
     stepper = Stepper(worker)
-    stepper.until(lambda: worker.started and len(worker._inflight) == 3)
+    stepper.until(lambda: worker.started and len(worker.dispatcher.inflight) == 3)
 
     worker.stop()
     stepper.steps_taken(1)  # the stop is seen while "one" still runs
@@ -437,7 +437,7 @@ def test_max_tasks_is_not_exceeded_by_a_held_retry(
     send(memory_conn, queue, ["fails once"])
     stepper = Stepper(worker)
     # Given the failed task's retry held by the worker until its time
-    stepper.until(lambda: len(worker._held) == 1)
+    stepper.until(lambda: len(worker.dispatcher.held) == 1)
 
     # When another task arrives and runs, reaching the quota of two
     send(memory_conn, queue, ["second"])
@@ -458,6 +458,7 @@ def test_a_stop_asked_from_a_signal_handler_is_logged_by_the_loop(
 
     # When a signal handler asks for a stop, nothing is logged there
     with caplog.at_level("WARNING", logger="kqueue"):
+        caplog.clear()
         worker.stop(reason="SIGTERM")
         assert caplog.records == []
         # Then the loop logs it on its next step, and ends

@@ -8,7 +8,7 @@ from enum import Enum
 
 from kqueue.worker.settings import WorkerSettings
 
-__all__ = ["Lifecycle", "Phase"]
+__all__ = ["DrainCheck", "Lifecycle", "Phase"]
 
 
 class Phase(Enum):
@@ -97,3 +97,25 @@ class Lifecycle:
         if self.quota_reached and not busy:
             return True
         return self.settings.burst and not busy and drained()
+
+
+class DrainCheck:
+    """Burst mode's question, whether the queue is empty: twice in a row, each after a wait in which nothing happened.
+
+    Once is not enough: the broker's count leaves out messages on their way to us.
+    """
+
+    def __init__(self) -> None:
+        self.readings = 0
+
+    def forget(self) -> None:
+        """Work happened: an earlier reading is stale."""
+        self.readings = 0
+
+    def drained(self, *, idle: bool, empty: Callable[[], bool]) -> bool:
+        """Whether the queue is drained, asking `empty` (the broker) only after an idle wait."""
+        if not idle:
+            self.readings = 0
+            return False
+        self.readings = self.readings + 1 if empty() else 0
+        return self.readings >= 2
