@@ -5,7 +5,7 @@ from __future__ import annotations
 import select
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kombu import Connection
 from kombu.exceptions import OperationalError
@@ -18,14 +18,19 @@ __all__ = [
     "DEFAULT_URL",
     "confirms",
     "connect",
+    "ensure_connected",
     "has_arrived",
     "has_read",
     "is_amqp",
     "mask",
+    "next_node",
+    "node_count",
+    "nodes",
     "open_connection",
     "read_ahead",
     "read_arrived",
     "watch_blocked",
+    "where",
 ]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672//"
@@ -51,7 +56,13 @@ _URL_OPTIONS = {"visibility_timeout": float, "polling_interval": float}
 
 
 def mask(url: str) -> str:
-    """The URL with its password, if any, replaced by ``**``."""
+    """The URL with its password, if any, replaced by ``**``; in every entry of a multi-node URL."""
+    if ";" in url:
+        return ";".join(_mask_one(entry) for entry in url.split(";"))
+    return _mask_one(url)
+
+
+def _mask_one(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -81,6 +92,51 @@ def _split_options(url: str) -> tuple[str, dict[str, Any]]:
     return (f"{base}?{urlencode(kept)}" if kept else base), options
 
 
+def nodes(url: str) -> list[str]:
+    """The entries of a broker URL, one per node, each in full.
+
+    ``amqp://user:pass@h1:5672/vhost;amqp://h2;amqp://h3`` names three nodes of
+    one cluster. Kombu would give an alternate without credentials guest's, so
+    an alternate missing its credentials, port, virtual host or options takes
+    those of the first entry: the nodes of one cluster share them.
+
+    Raises:
+        KQueueError: entries with different schemes, or an alternate with options of its own.
+        ValueError: an entry is malformed (a port that is not a number).
+    """
+    entries = [entry.strip() for entry in url.split(";") if entry.strip()]
+    if len(entries) < 2:
+        return entries or [url]
+    first = urlsplit(entries[0])
+    first.port  # noqa: B018 - raises ValueError for a port that is not a number
+    complete = [entries[0]]
+    for number, entry in enumerate(entries[1:], start=2):
+        parts = urlsplit(entry)
+        if parts.scheme != first.scheme:
+            raise KQueueError(
+                f"broker URL entry {number} ({mask(entry)}) starts {parts.scheme}:// but entry 1 starts "
+                f"{first.scheme}://: every node of one broker is reached the same way"
+            )
+        if parts.query and parts.query != first.query:
+            raise KQueueError(
+                f"broker URL entry {number} ({mask(entry)}) has options of its own (?{parts.query}): "
+                "put them on the first entry; they apply to every node"
+            )
+        complete.append(urlunsplit(_completed(parts, first)))
+    return complete
+
+
+def _completed(parts: SplitResult, first: SplitResult) -> SplitResult:
+    """`parts` with the credentials, port, virtual host and options it lacks taken from `first`."""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    if not userinfo and "@" in first.netloc:
+        userinfo = first.netloc.rpartition("@")[0]
+    if parts.port is None and first.port is not None:
+        host = f"{host}:{first.port}"
+    netloc = f"{userinfo}@{host}" if userinfo else host
+    return parts._replace(netloc=netloc, path=parts.path or first.path, query=parts.query or first.query)
+
+
 def connect(
     url: str,
     *,
@@ -92,7 +148,10 @@ def connect(
 
     Parameters:
         url: a Kombu broker URL; ``?heartbeat=N`` and, for Redis,
-            ``?visibility_timeout=S`` are honoured.
+            ``?visibility_timeout=S`` are honoured. Several nodes of one
+            cluster are entries separated by ``;`` (see `nodes`): the
+            connection tries them in turn, from the first (Kombu's
+            round-robin failover).
         heartbeat: seconds, used when the URL does not say; None for the default.
         connect_timeout: seconds to wait for the broker to answer.
         transport_options: overrides for this transport's entry in `TRANSPORT_OPTIONS`.
@@ -101,7 +160,8 @@ def connect(
         KQueueError: the URL is malformed or names no transport Kombu has.
     """
     try:
-        plain, url_options = _split_options(url)
+        split = [_split_options(entry) for entry in nodes(url)]
+        plain, url_options = ";".join(entry for entry, _ in split), split[0][1]
         if plain.rstrip("/") == "memory:":
             plain = "memory://localhost//"  # the same transport, without Kombu's "no hostname" warning
         conn = Connection(
@@ -135,21 +195,85 @@ def is_amqp(conn: Connection) -> bool:
     return bool(conn.transport.driver_type == "amqp")
 
 
-def open_connection(conn: Connection, *, timeout: float = CONNECT_TIMEOUT) -> Connection:
-    """Connect now, giving up after `timeout` seconds with one line that says why.
+def where(conn: Connection) -> str:
+    """The node `conn` is on (or tries next), masked: after a failover, the live one, not the URL's first."""
+    return mask(conn.as_uri(include_password=True))
+
+
+def node_count(conn: Connection) -> int:
+    """How many nodes the connection's URL names."""
+    return max(1, len(conn.alt or ()))
+
+
+def ensure_connected(
+    conn: Connection, *, timeout: float = CONNECT_TIMEOUT, errback: Callable[[BaseException, float], None] | None = None
+) -> Connection:
+    """Connect now if not connected, trying each node once, in turn from the one `conn` is on.
+
+    Kombu's own ``max_retries`` counts attempts across the whole list, and its
+    ``Connection.connection`` makes two in all: too few to get past two dead
+    nodes. Here every node gets one attempt of up to `timeout` seconds;
+    `errback(error, 0)` is called for each that failed, while `conn` still
+    names it. The caller decides whether to go round again.
 
     Raises:
-        BrokerUnavailable: refused, unreachable, wrong credentials, or no answer in time.
+        the last node's error, as Kombu raises it (an `OperationalError`, or the
+        transport's own for wrong credentials).
     """
+    count = node_count(conn)
+    conn.ensure_connection(
+        errback=errback,
+        max_retries=count - 1,
+        interval_start=0,
+        interval_step=0,
+        interval_max=0,
+        timeout=timeout * count,
+    )
+    return conn
+
+
+def next_node(conn: Connection) -> Connection:
+    """A copy of `conn`, not connected, that tries the node after the one `conn` was on first, then the rest.
+
+    Kombu's ``clone()`` starts from the node its original is on, and its
+    round-robin goes on from the URL's second entry whatever that was; after
+    a lost connection the node that was lost is the likeliest to be down.
+    """
+    alternates = list(conn.alt or ())
+    if len(alternates) < 2:
+        return conn.clone()
+    current = 0
+    for index, entry in enumerate(alternates):
+        parts = urlsplit(entry)
+        if parts.hostname == conn.hostname and (parts.port or conn.port) == conn.port:
+            current = index
+            break
+    order = alternates[current + 1 :] + alternates[: current + 1]
+    # The URL's own parts win over these: each entry is complete (see `nodes`).
+    return conn.clone(hostname=order[0], alternates=order, port=None, userid=None, password=None, virtual_host=None)
+
+
+def open_connection(conn: Connection, *, timeout: float = CONNECT_TIMEOUT) -> Connection:
+    """Connect now, trying each node of the URL in turn, each for up to `timeout` seconds.
+
+    Raises:
+        BrokerUnavailable: no node could be reached: refused, unreachable, wrong
+            credentials, or no answer in time. One line, naming each node and why.
+    """
+    failures: list[str] = []
+
+    def failed(exc: BaseException, interval: float) -> None:
+        failures.append(f"{where(conn)}: {str(exc) or type(exc).__name__}")
+
     try:
-        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=1, timeout=timeout)
+        ensure_connected(conn, timeout=timeout, errback=failed)
     except (KeyError, ValueError) as exc:
-        raise KQueueError(f"malformed broker URL {mask(conn.as_uri(include_password=True))}: {exc}") from None
+        raise KQueueError(f"malformed broker URL {where(conn)}: {exc}") from None
     except (*conn.connection_errors, *conn.channel_errors, OperationalError, OSError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise BrokerUnavailable(
-            f"cannot connect to broker {mask(conn.as_uri(include_password=True))}: {reason}"
-        ) from None
+        failures.append(f"{where(conn)}: {str(exc) or type(exc).__name__}")
+        if len(failures) == 1:
+            raise BrokerUnavailable(f"cannot connect to broker {failures[0]}") from None
+        raise BrokerUnavailable(f"cannot connect to any node of the broker: {'; '.join(failures)}") from None
     return conn
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["configure", "fields"]
+__all__ = ["ClosingChannelFilter", "configure", "fields"]
 
 _FIELDS = "kqueue_fields"
 
@@ -48,6 +48,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ClosingChannelFilter(logging.Filter):
+    """Drops py-amqp's warning for each frame that arrives on a channel being closed.
+
+    Replacing a channel that a broker keeps refusing (see `kqueue.producer`)
+    closes it with thousands of confirms still on their way; py-amqp logs one
+    line per frame it then ignores. kqueue has said what happened, in one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Received method %s during closing channel")
+
+
 def configure(level: int = logging.INFO, fmt: str = "text") -> None:
     """Send kqueue's logs (and Kombu's warnings) to standard error.
 
@@ -65,3 +77,6 @@ def configure(level: int = logging.INFO, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("kqueue").setLevel(level)
+    amqp = logging.getLogger("amqp")
+    if not any(isinstance(f, ClosingChannelFilter) for f in amqp.filters):
+        amqp.addFilter(ClosingChannelFilter())

@@ -11,7 +11,7 @@ from typing import Any
 
 from kombu import Connection, Queue
 
-from kqueue.brokers import confirms, has_arrived, is_amqp, mask, read_arrived, watch_blocked
+from kqueue.brokers import confirms, ensure_connected, has_arrived, is_amqp, read_arrived, watch_blocked, where
 from kqueue.errors import PublishFailed, describe
 from kqueue.queues import declare
 
@@ -32,6 +32,17 @@ PERSISTENT = 2
 CONFIRM_TIMEOUT = 30.0
 #: Seconds, in total, to keep reconnecting after the broker went away mid-batch.
 RECONNECT_FOR = 30.0
+#: Seconds before messages the broker refused (nacked) go out again; the wait
+#: doubles while it keeps refusing, up to the second figure. A quorum queue
+#: refuses while it has no leader, a second or two after a node died.
+REFUSED_DELAY = (0.1, 2.0)
+#: Seconds between log lines about a broker that keeps refusing.
+REFUSED_LOG_EVERY = 5.0
+#: Seconds of refusals after which the channel is replaced. RabbitMQ 3.10 was
+#: seen to refuse on one channel for as long as it lived, the queue's new leader
+#: long elected, and to leave the rest of its messages unconfirmed; a new
+#: channel's messages were taken at once.
+REFUSED_RENEW_AFTER = 3.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Sender:
         self._declared: set[str] = set()
         # Unconfirmed messages by delivery tag, in publish order.
         self._unconfirmed: OrderedDict[int, Outgoing] = OrderedDict()
+        self._refused = _Refused()
         self._next_tag = 1
         self._returned: list[str] = []
         #: Keep the messages confirmed since the last `settled()` call (see `post`).
@@ -153,7 +165,8 @@ class Sender:
 
     @property
     def unconfirmed(self) -> int:
-        return len(self._unconfirmed)
+        """Messages published and not yet confirmed, including those the broker refused, to be sent again."""
+        return len(self._unconfirmed) + len(self._refused.messages)
 
     def send(self, text: str) -> None:
         """Send one task and wait for the broker's confirm.
@@ -219,7 +232,7 @@ class Sender:
                 self._settled.append(message)
             if on_confirmed is not None:
                 on_confirmed(self.confirmed)
-        elif len(self._unconfirmed) >= self.window:
+        elif self.unconfirmed >= self.window:
             self._await_confirms(self.window // 2, on_confirmed)
         elif not tag % CONFIRM_POLL and self._amqp and has_arrived(self.connection):
             # Collect the confirms that are in already, so the window seldom fills
@@ -248,18 +261,19 @@ class Sender:
     def _await_confirms(self, at_most: int, on_confirmed: Callable[[int], None] | None) -> None:
         """Drain the connection until no more than `at_most` messages are unconfirmed."""
         deadline = time.monotonic() + self.confirm_timeout
-        while len(self._unconfirmed) > at_most:
+        while self.unconfirmed > at_most:
             before = self.confirmed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 why = f" (it blocked this connection: {self.blocked})" if self.blocked else ""
                 raise PublishFailed(
-                    f"broker {self._where} did not confirm {len(self._unconfirmed)} messages "
+                    f"broker {self._where} did not confirm {self.unconfirmed} messages "
                     f"within {self.confirm_timeout:g}s{why}",
                     self.confirmed,
                 )
+            self._send_refused()
             try:
-                self.connection.drain_events(timeout=min(remaining, 1.0))
+                self.connection.drain_events(timeout=min(remaining, 1.0, self._refused.wait(time.monotonic())))
             except TimeoutError:
                 self.connection.heartbeat_check()
             if self.confirmed != before:
@@ -302,6 +316,11 @@ class Sender:
     def _on_ack(self, tag: int, multiple: bool) -> None:
         settled = self._settle(tag, multiple)
         self.confirmed += len(settled)
+        if self._refused.total and not self._refused.messages:
+            total, seconds = self._refused.end(time.monotonic())
+            log.warning(
+                "broker %s takes messages again: %d refused in %.1fs, each sent again", self._where, total, seconds
+            )
         if self.track:
             self._settled.extend(settled)
 
@@ -321,10 +340,64 @@ class Sender:
         log.warning("broker %s unblocked this connection; sending again", self._where)
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
-        # The broker could not take these (e.g. an internal error): publish them again.
-        nacked = self._settle(tag, multiple)
-        log.warning("broker refused %d messages; sending them again", len(nacked))
-        for message in nacked:
+        # The broker could not take these (a quorum queue without a leader, an
+        # internal error): they go out again after a pause (`_send_refused`),
+        # not at once, which only has them refused again, thousands of times.
+        now = time.monotonic()
+        first = not self._refused.total
+        self._refused.add(self._settle(tag, multiple), now)
+        if first:
+            log.warning(
+                "broker %s refused messages (a quorum queue does while it has no leader, during a failover); "
+                "sending them again in %.1fs, then at growing intervals while it refuses",
+                self._where,
+                self._refused.delay,
+            )
+            self._refused.logged = now
+
+    def _send_refused(self) -> None:
+        """Publish again the refused messages whose pause is over."""
+        now = time.monotonic()
+        due = self._refused.take_due(now)
+        if not due:
+            return
+        if now - self._refused.renewed >= REFUSED_RENEW_AFTER:
+            self._renew_channel(due, now)
+            return
+        if now - self._refused.logged >= REFUSED_LOG_EVERY:
+            log.warning(
+                "broker %s still refuses messages: %d refused in %.0fs; sending %d again, next pause %.1fs",
+                self._where,
+                self._refused.total,
+                now - self._refused.since,
+                len(due),
+                self._refused.delay,
+            )
+            self._refused.logged = now
+        for message in due:
+            self._unconfirmed[self._next_tag] = message
+            self._next_tag += 1
+            self._send(message)
+
+    def _renew_channel(self, refused: list[Outgoing], now: float) -> None:
+        """Send everything unconfirmed again on a new channel: the old one keeps refusing."""
+        pending = [*self._unconfirmed.values(), *refused]
+        log.warning(
+            "broker %s has refused messages for %.0fs (%d refused): sending the %d unconfirmed again on a new channel",
+            self._where,
+            now - self._refused.since,
+            self._refused.total,
+            len(pending),
+        )
+        self._refused.renewed = self._refused.logged = now
+        channel, self._channel = self._channel, None
+        self._unconfirmed = OrderedDict()
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel cannot fail usefully
+            pass
+        self._ensure_channel()
+        for message in pending:
             self._unconfirmed[self._next_tag] = message
             self._next_tag += 1
             self._send(message)
@@ -346,12 +419,12 @@ class Sender:
 
     @property
     def _where(self) -> str:
-        return mask(self.connection.as_uri(include_password=True))
+        return where(self.connection)  # the node connected (or tried), not the URL's first
 
     def _ensure_channel(self) -> None:
         if self._channel is not None:
             return
-        self.connection.ensure_connection(max_retries=1, interval_start=0, timeout=10)
+        ensure_connected(self.connection, timeout=10)
         channel = self.connection.channel()
         self._amqp = is_amqp(self.connection)
         self._confirms = self._amqp or confirms(self.connection)
@@ -373,29 +446,87 @@ class Sender:
         self._declared.add(routing_key)
 
     def _lost(self, exc: BaseException, deadline: float) -> None:
-        """The connection broke: drop the channel and wait for the broker, or give up."""
+        """The connection broke: drop the channel and reconnect, to the next node first, or give up.
+
+        Each round tries every node of the URL once; rounds are apart by a
+        growing pause. What was unconfirmed or refused goes out again first.
+        """
         self._channel = None
+        for message in self._refused.take_all():
+            self._unconfirmed[self._next_tag] = message
+            self._next_tag += 1
+        lost = self._where
         try:
             self.connection.close()
         except Exception:  # noqa: BLE001 - the connection is already broken
             pass
+        log.warning(
+            "lost the connection to broker %s (%s); reconnecting, then sending the %d unconfirmed messages again",
+            lost,
+            describe(exc),
+            self.unconfirmed,
+        )
+        self.connection.maybe_switch_next()  # the node just lost is the likeliest to be down
         delay = 0.5
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishFailed(
-                    f"lost the connection to broker {self._where} ({describe(exc)}) "
-                    f"and it did not come back within {self.reconnect_for:g}s",
+                    f"lost the connection to broker {lost} ({describe(exc)}) "
+                    f"and no node came back within {self.reconnect_for:g}s",
                     self.confirmed,
                 ) from None
-            log.warning("connection to %s lost (%s); reconnecting", self._where, exc)
             try:
-                self.connection.ensure_connection(max_retries=1, interval_start=0, timeout=min(remaining, 10))
-                return
+                ensure_connected(self.connection, timeout=min(remaining, 10))
             except Exception as again:  # noqa: BLE001 - any failure here means "not yet"
                 exc = again
+                log.warning("cannot reach the broker (%s); trying again in %.1fs", describe(exc), delay)
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 5.0)
+                continue
+            log.warning("reconnected to broker %s; sending %d messages again", self._where, self.unconfirmed)
+            return
+
+
+class _Refused:
+    """Messages the broker refused, waiting out a pause before they go again, and the tally of one episode."""
+
+    def __init__(self) -> None:
+        self.messages: list[Outgoing] = []
+        self.delay = REFUSED_DELAY[0]
+        self.due = 0.0
+        self.total = 0  # refusals since the broker last took a message
+        self.since = 0.0
+        self.renewed = 0.0  # when the channel was last replaced, or the episode began
+        self.logged = 0.0
+
+    def add(self, messages: list[Outgoing], now: float) -> None:
+        if not self.total:
+            self.since = self.renewed = now
+        if not self.messages:
+            self.due = now + self.delay
+        self.messages.extend(messages)
+        self.total += len(messages)
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next refused message may go again (a long time if there is none)."""
+        return max(0.01, self.due - now) if self.messages else 3600.0
+
+    def take_due(self, now: float) -> list[Outgoing]:
+        if not self.messages or now < self.due:
+            return []
+        self.delay = min(self.delay * 2, REFUSED_DELAY[1])
+        return self.take_all()
+
+    def take_all(self) -> list[Outgoing]:
+        messages, self.messages = self.messages, []
+        return messages
+
+    def end(self, now: float) -> tuple[int, float]:
+        """The broker took a message again: the episode's refusals and seconds; the next starts afresh."""
+        total, seconds = self.total, now - self.since
+        self.total, self.delay = 0, REFUSED_DELAY[0]
+        return total, seconds
 
 
 def send(connection: Connection, queue: Queue, texts: Iterable[str]) -> int:

@@ -15,7 +15,7 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
 from kqueue import message as wire
-from kqueue.brokers import is_amqp, mask, read_ahead
+from kqueue.brokers import is_amqp, next_node, node_count, read_ahead, where
 from kqueue.errors import PublishFailed, describe, queue_mismatch
 from kqueue.handlers import Handler
 from kqueue.logs import fields
@@ -105,6 +105,11 @@ class Worker(ConsumerMixin, Hooks):
         return self.dispatcher.tasks_acked
 
     @property
+    def retries_held(self) -> int:
+        """Retries that arrived before their time, held here until it comes."""
+        return len(self.dispatcher.held)
+
+    @property
     def busy(self) -> bool:
         """Whether any task is running, waiting to run, waiting for its retry or for its copy's confirm."""
         return bool(self._arrivals) or self.dispatcher.busy
@@ -156,7 +161,12 @@ class Worker(ConsumerMixin, Hooks):
 
     @contextmanager
     def establish_connection(self) -> Iterator[Connection]:
-        with self.create_connection() as conn:
+        # Kombu would clone `self.connection`, so start again from the node first
+        # connected, however dead; after a loss, start from the next node instead,
+        # then go round the URL's nodes (`on_connection_error` says each).
+        conn = next_node(self._conn) if self._conn is not None else self.create_connection()
+        self._conn = conn  # what `_where` names from now on: the node tried, then the one connected
+        with conn:
             conn.ensure_connection(self.on_connection_error, self.connect_max_retries, callback=self._check_stop)
             yield conn
 
@@ -165,11 +175,14 @@ class Worker(ConsumerMixin, Hooks):
             raise _Stopped()
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
-        log.warning(
-            "cannot reach the broker; trying again in %.0fs",
-            interval,
-            extra=fields(broker=self._where, error=describe(exc)),
-        )
+        # Kombu calls this before it moves to the next node: `_where` names the one that failed.
+        facts = fields(broker=self._where, error=describe(exc))
+        if not interval:
+            log.warning("cannot reach this node of the broker; trying the next", extra=facts)
+        elif self._conn is not None and node_count(self._conn) > 1:
+            log.warning("cannot reach any node of the broker; trying them again in %.0fs", interval, extra=facts)
+        else:
+            log.warning("cannot reach the broker; trying again in %.0fs", interval, extra=facts)
         self._check_stop()
 
     def run(self, _tokens: int = 1, **kwargs: Any) -> None:
@@ -317,7 +330,8 @@ class Worker(ConsumerMixin, Hooks):
 
     @property
     def _where(self) -> str:
-        return mask(self.connection.as_uri(include_password=True))
+        # The live connection's node, masked: after a failover, not the URL's first.
+        return where(self._conn if self._conn is not None else self.connection)
 
 
 class _Stopped(Exception):

@@ -43,7 +43,14 @@ def test_round_robin_two_workers_share_the_tutorials_five_tasks(
     second.wait_for(" [x] Done", count=len(second.received()))
 
     # Then they are handed out in turn, as in the tutorial's output, and all acked
-    assert sorted([first.received(), second.received()]) == [TUTORIAL[0::2], TUTORIAL[1::2]]
+    if is_redis(url):
+        # Redis serves the worker whose BRPOP waited longest, but Kombu issues
+        # an idle worker's BRPOP again every second, behind the other's: the
+        # turns depend on when the tasks come. Each task still goes to one worker.
+        assert sorted(first.received() + second.received()) == sorted(TUTORIAL)
+        assert first.received() and second.received(), "each worker took a share"
+    else:
+        assert sorted([first.received(), second.received()]) == [TUTORIAL[0::2], TUTORIAL[1::2]]
     assert ready(url, queue) == 0
 
 

@@ -1,0 +1,1 @@
+"""Tests against a three-node RabbitMQ cluster started for the session: ``pytest -m cluster``."""
