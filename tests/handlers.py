@@ -51,3 +51,17 @@ def chaos_record(text: str) -> None:
         out.flush()
         time.sleep(0.01)
         out.write(f"done {text}\n")
+
+
+def record_pid(text: str) -> None:
+    """Log 'start TEXT PID' and, after a tenth of a second per '.', 'done TEXT PID' to the file $KQUEUE_TEST_PIDS."""
+    import os
+    import time
+
+    def note(what: str) -> None:
+        with open(os.environ["KQUEUE_TEST_PIDS"], "a", encoding="utf-8") as log:
+            log.write(f"{what} {text} {os.getpid()}\n")
+
+    note("start")
+    time.sleep(text.count(".") * 0.1)
+    note("done")

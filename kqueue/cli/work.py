@@ -6,12 +6,16 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from kqueue.brokers import DEFAULT_HEARTBEAT
-from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue
+from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, default_broker_url
 from kqueue.errors import KQueueError
 from kqueue.handlers import Handler, dot_handler, load_handler
 from kqueue.logs import configure
@@ -78,6 +82,25 @@ if TYPE_CHECKING:
     metavar="SECONDS",
     help="AMQP heartbeat; 0 turns it off. ?heartbeat=N in the broker URL wins.",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    envvar="KQUEUE_PROCESSES",
+    help="Worker processes (env KQUEUE_PROCESSES), each with its own connection and --concurrency threads.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    envvar="KQUEUE_METRICS_PORT",
+    metavar="PORT",
+    help="Serve Prometheus metrics on /metrics and a health check on /healthz (env KQUEUE_METRICS_PORT).",
+)
+# Set by the parent of a fleet on each of its worker processes.
+@click.option("--fleet-index", type=click.IntRange(min=0), default=None, hidden=True)
+@click.option("--fleet-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option(
     "-q",
@@ -96,6 +119,10 @@ def work_main(
     queue_name: str,
     queue_type: str,
     verbose: bool,
+    processes: int,
+    metrics_port: int | None,
+    fleet_index: int | None,
+    fleet_dir: Path | None,
     **options: Any,
 ) -> None:
     """Work the tasks of a queue, acknowledging each once its handler returned."""
@@ -106,11 +133,93 @@ def work_main(
     settings = worker_settings(options)
     conn, queue = connect_queue(broker_url, queue_name, queue_type, heartbeat)
     conn.release()
-    worker = (Worker if quiet else _console_worker(Worker))(conn, queue, handler, settings)
-    click.echo(" [*] Waiting for messages. To exit press CTRL+C")
-    with _stop_on_signals(worker):
-        worker.run()
-    worker.close()
+    if processes > 1 and fleet_index is None:
+        finite = settings.burst or settings.max_tasks is not None
+        _run_fleet(processes, metrics_port, queue.name, default_broker=broker_url is None, finite=finite)
+        return
+    with ExitStack() as stack:
+        base = Worker if quiet else _console_worker(Worker)
+        worker_class = _metered(stack, base, queue.name, metrics_port, fleet_index, fleet_dir)
+        worker = worker_class(conn, queue, handler, settings)
+        if fleet_index is None:
+            click.echo(" [*] Waiting for messages. To exit press CTRL+C")
+        else:  # a worker process of a fleet: its parent passes stops on, and may go away
+            from kqueue.fleet import follow_parent
+
+            follow_parent(worker)
+        with _stop_on_signals(worker):
+            worker.run()
+        worker.close()
+
+
+def _metered(
+    stack: ExitStack, base: type, queue: str, port: int | None, fleet_index: int | None, fleet_dir: Path | None
+) -> type:
+    """`base`, counting for Prometheus if asked: served here (one process), or reported to the fleet's parent."""
+    if port is None and fleet_dir is None:
+        return base
+    from kqueue import metrics
+
+    metrics.require_prometheus()
+    tally = metrics.Tally(queue, fleet_index or 0)
+    if fleet_dir is not None:
+        return metrics.metered(base, tally, metrics.Reports(fleet_dir, queue).writer())
+    assert port is not None
+    stack.callback(metrics.serve_worker(port, tally).close)
+    return metrics.metered(base, tally)
+
+
+def _run_fleet(processes: int, port: int | None, queue: str, *, default_broker: bool, finite: bool) -> None:
+    """Run `processes` worker processes of this very command line, and serve their metrics here if asked."""
+    from kqueue import fleet, metrics
+
+    if port is not None:
+        metrics.require_prometheus()
+    args = _child_args(click.get_current_context())
+    if default_broker:  # named once, here, rather than by each worker process
+        args += ["--broker", default_broker_url()]
+    # The worker processes get the options given on the command line; the
+    # environment passes the others on, less what makes this the parent.
+    env = {key: value for key, value in os.environ.items() if key not in ("KQUEUE_PROCESSES", "KQUEUE_METRICS_PORT")}
+    with ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kqueue-fleet-"))) if port else None
+        reports = metrics.Reports(folder, queue) if folder is not None else None
+        extra = ["--fleet-dir", str(folder)] if folder is not None else []
+
+        def command(index: int) -> list[str]:
+            return fleet.child_command([*args, "--fleet-index", str(index), *extra])
+
+        parent = fleet.Fleet(
+            command, processes, finite=finite, env=env, on_exit=reports.retire if reports else lambda pid: None
+        )
+        if port is not None and reports is not None:
+            stack.callback(fleet.serve_fleet(port, parent, reports).close)
+        click.echo(" [*] Waiting for messages. To exit press CTRL+C")
+        unclean = parent.run()
+    if unclean:
+        raise KQueueError(f"{unclean} of {processes} worker processes did not stop cleanly")
+
+
+#: Options that make a process the parent of a fleet, or that the parent sets itself.
+_PARENT_ONLY = {"processes", "metrics_port", "fleet_index", "fleet_dir"}
+
+
+def _child_args(ctx: click.Context) -> list[str]:
+    """The options given on this command line, as a worker process of the fleet is given them."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or not param.expose_value or name is None or name in _PARENT_ONLY:
+            continue
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        flag = max(param.opts, key=len)
+        value = ctx.params[name]
+        if param.is_flag:
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def worker_settings(options: dict[str, Any]) -> WorkerSettings:

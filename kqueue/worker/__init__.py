@@ -2,14 +2,18 @@
 
 How the parts fit, by thread:
 
-- connection thread (`loop.Worker`): consumes, decides what to do with each
-  delivery and failure (`policy`), holds early retries (`retries`), acks
-  through the channel's ledger (`acks`), publishes retries and dead letters
-  on a connection of their own (`outbox`), stops when `lifecycle` says so,
-  and reconnects.
+- connection thread: `loop.Worker` runs the loop and Kombu's ConsumerMixin
+  glue; `dispatch.Dispatcher` keeps the book of tasks and decides, through
+  `policy`'s plain functions, what happens to each delivery and failure;
+  `acks` holds one ledger per channel; `qos` sets and raises prefetch;
+  `retries` holds early retries; `outbox` publishes retries and dead letters
+  on a connection of their own; `waiting` waits on the broker and the
+  mailbox at once; `lifecycle` says when to stop; `reconnect` reports a loss
+  and backs off.
 - handler threads (`pool.Pool`): run the handler and hand each finished task
   back through the `mailbox`, the one object both threads share; a task that
   succeeded may be acked at once through its ledger when the connection is idle.
+- `hooks.Hooks`: what a subclass may override, each hook with its thread.
 """
 
 from __future__ import annotations
