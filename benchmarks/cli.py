@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kqueue
-from benchmarks import idle, latency, memory, oneshot, plumbing, send, work
+from benchmarks import fleet, idle, latency, memory, oneshot, plumbing, send, sqlite_run, work
 from benchmarks.core import Config, Figure, format_table, row_result, run_figure
 from kqueue.brokers import mask
 
@@ -29,9 +29,10 @@ FIGURES: dict[str, Callable[[Config, int], Figure]] = {
     "idle": lambda config, rounds: idle.figure(config),
     "memory": lambda config, rounds: memory.figure(config),
     "oneshot": oneshot.figure,
+    "fleet": lambda config, rounds: fleet.figure(config),
 }
 #: The figures --queue-type applies to; the others always use a classic queue (or none).
-TYPED = {"send", "work", "memory"}
+TYPED = {"send", "work", "memory", "fleet"}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--only", default=",".join(FIGURES), metavar="NAME,...", help=f"figures to run, of: {', '.join(FIGURES)}"
     )
     parser.add_argument("--queue-type", choices=["classic", "quorum"], default="classic", help="for send, work, memory")
+    parser.add_argument(
+        "--reference",
+        default=sqlite_run.DEFAULT_REFERENCE,
+        metavar="URL",
+        help="with a sqlite:// broker: kqueue's figures on this RabbitMQ, measured alongside ('none' to skip)",
+    )
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in FIGURES]
@@ -57,13 +64,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    config = Config(args.broker, args.scale, args.queue_type)
-    where = mask(args.broker)
+    with sqlite_run.prepared(args.broker, args.scale, args.queue_type, args.reference, _log) as config:
+        _run(args, argv, config)
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+
+def _run(args: argparse.Namespace, argv: list[str] | None, config: Config) -> None:
+    where = mask(args.broker)
+    log = _log
 
     log(f"benchmarks: broker {where}, rounds {args.rounds}, scale {args.scale:g}, queue type {args.queue_type}")
     log(f"benchmarks: kqueue from {KQUEUE_SOURCE} (PYTHONPATH and the working directory decide)")
@@ -74,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         figure = FIGURES[name](config, args.rounds)
         log(f"{name}: {'; '.join(figure.notes)}")
         begun = time.perf_counter()
-        series = run_figure(figure, args.rounds, log, lambda: plumbing.wait_for_broker(args.broker))
+        series = run_figure(figure, args.rounds, log, lambda: plumbing.wait_for_broker(config.url))
         rows = [row_result(row, series) for row in figure.rows]
         results += rows
         figures[name] = {
@@ -89,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         "scale": args.scale,
         "queue_type": args.queue_type,
         "queue_type_applies_to": sorted(TYPED),
+        "baseline_broker": mask(config.baseline),
+        "reference_broker": None if config.reference_url is None else mask(config.reference_url),
         "command": " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
@@ -101,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"broker {where}  rounds {args.rounds}  scale {args.scale:g}  queue type {args.queue_type}")
     print(f"kqueue {KQUEUE_SOURCE}")
+    if config.sqlite:
+        reference = "none" if config.reference_url is None else mask(config.reference_url)
+        print(f"baselines: raw Kombu on sqla+sqlite (a file of its own), plain sqlite3; kqueue on {reference}")
     print(format_table(results))
     for name, figure in figures.items():
         for note in figure["notes"]:
@@ -114,7 +132,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("kqueue", "kombu", "amqp", "redis", "click"):
+    for package in ("kqueue", "kombu", "amqp", "redis", "click", "sqlalchemy"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -182,11 +182,20 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 @dataclass(frozen=True)
 class Config:
-    """What every figure is built from."""
+    """What every figure is built from.
+
+    On ``sqlite://`` the raw Kombu baselines run on `baseline_url` (Kombu's own
+    ``sqla+sqlite://``, a file of its own), `plain_db` is the file of the plain
+    ``sqlite3`` ceiling, and `reference_url` (RabbitMQ, or None) is where kqueue's
+    own figures are measured again for comparison. Elsewhere the baselines run on `url`.
+    """
 
     url: str
     scale: float
     queue_type: str = "classic"
+    baseline_url: str | None = None
+    reference_url: str | None = None
+    plain_db: str | None = None
 
     def count(self, n: int, least: int = 1) -> int:
         """`n` messages at scale 1, scaled."""
@@ -195,3 +204,12 @@ class Config:
     @property
     def amqp(self) -> bool:
         return self.url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps")
+
+    @property
+    def sqlite(self) -> bool:
+        return self.url.split("://", 1)[0] == "sqlite"
+
+    @property
+    def baseline(self) -> str:
+        """Where the raw Kombu baselines run."""
+        return self.baseline_url or self.url

@@ -23,12 +23,15 @@ with kombu.Connection(url, transport_options=options) as conn:
     )
 print(" [x] Sent 'hello.'")
 """
+#: The same on kqueue's sqlite:// transport: Kombu finds it only once kqueue.sqlite is imported.
+RAW_SQLITE = "import kqueue.sqlite" + RAW
 
 
 def figure(config: Config, rounds: int) -> Figure:
     name = plumbing.fresh_name("oneshot")
     kq_argv = [plumbing.tool("kqueue-send"), "--broker", config.url, "--queue", name, "hello."]
-    raw_argv = [plumbing.PYTHON, "-c", RAW, config.url, name, "1" if config.amqp else "0"]
+    raw_argv = [plumbing.PYTHON, "-c", RAW, config.baseline, name, "1" if config.amqp else "0"]
+    raw_sqlite_argv = [plumbing.PYTHON, "-c", RAW_SQLITE, config.url, name, "0"]
 
     def once(argv: list[str], key: str) -> dict[str, float]:
         return {key: plumbing.check(plumbing.run_timed(argv), key).seconds * 1000}
@@ -38,16 +41,31 @@ def figure(config: Config, rounds: int) -> Figure:
     for _ in range(repetitions):
         steps.append(Step("kqueue-send hello.", lambda: once(kq_argv, "kq_oneshot_ms")))
         steps.append(Step("python -c raw publish", lambda: once(raw_argv, "raw_oneshot_ms")))
+        if config.sqlite:
+            steps.append(Step("python -c raw publish, sqlite://", lambda: once(raw_sqlite_argv, "raw_sqlite_ms")))
     rows = [Row("one-shot: kqueue-send 'hello.'", "ms", "kq_oneshot_ms", "raw_oneshot_ms", TARGET)]
     notes = [
         f"{repetitions} interleaved pairs per round; raw = python -c 'import kombu, click' + connect, declare, "
         "publish (confirmed on AMQP, like kqueue-send), close; both print one line"
     ]
-    return Figure(
-        "oneshot",
-        steps,
-        rows,
-        notes,
-        setup=lambda: plumbing.declare(config.url, plumbing.raw_queue(name)),
-        teardown=lambda: plumbing.delete_queues(config.url, name),
-    )
+    urls = [config.url]
+    if config.sqlite:
+        urls.append(config.baseline)
+        rows = [
+            Row("one-shot: kqueue-send vs sqla+sqlite", "ms", "kq_oneshot_ms", "raw_oneshot_ms", TARGET),
+            Row("one-shot: kqueue-send vs raw sqlite://", "ms", "kq_oneshot_ms", "raw_sqlite_ms", TARGET),
+        ]
+        notes.append(
+            "sqlite://: raw runs on sqla+sqlite, and again on kqueue's sqlite:// transport (import kqueue.sqlite, "
+            "then the same Kombu calls: a commit with fsync)"
+        )
+
+    def setup() -> None:
+        for url in urls:
+            plumbing.declare(url, plumbing.raw_queue(name))
+
+    def teardown() -> None:
+        for url in urls:
+            plumbing.delete_queues(url, name)
+
+    return Figure("oneshot", steps, rows, notes, setup=setup, teardown=teardown)

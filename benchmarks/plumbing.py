@@ -22,6 +22,9 @@ BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 #: The raw memory:// baselines poll as often as kqueue's connect() has Kombu poll.
 MEMORY_OPTIONS: dict[str, Any] = dict(TRANSPORT_OPTIONS["memory"])
+#: Seconds between polls of the raw ``sqla+sqlite://`` baselines where an idle consumer matters (latency, idle
+#: CPU), a query each. Kombu's default of 1 s would put its send-to-handler latency near 500 ms.
+SQLA_POLLING_INTERVAL = 0.01
 
 
 def tool(name: str) -> str:
@@ -40,6 +43,31 @@ def fresh_name(figure: str) -> str:
 
 def is_amqp_url(url: str) -> bool:
     return url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps")
+
+
+def is_sqlite_url(url: str) -> bool:
+    """kqueue's own ``sqlite://`` transport (not Kombu's ``sqla+sqlite://``)."""
+    return url.split("://", 1)[0] == "sqlite"
+
+
+def is_sqla_url(url: str) -> bool:
+    return url.split("://", 1)[0].startswith("sqla")
+
+
+def idle_connection(url: str) -> Connection:
+    """A raw connection for a consumer that waits idle on `url`; memory:// and sqla+sqlite:// poll as set here.
+
+    On sqla+sqlite the interval is not a transport option (Kombu hands those to SQLAlchemy's
+    ``create_engine``) but the transport class's, which the clones `ConsumerMixin` makes keep.
+    """
+    if url.startswith("memory"):
+        return Connection("memory://localhost//", transport_options=MEMORY_OPTIONS)
+    if is_sqla_url(url):
+        from kombu.transport.sqlalchemy import Transport
+
+        polling = type("PollingSqlaTransport", (Transport,), {"polling_interval": SQLA_POLLING_INTERVAL})
+        return Connection(url.split("+", 1)[1], transport=polling)
+    return Connection(url)
 
 
 def raw_queue(name: str, queue_type: str = "classic") -> Queue:
@@ -85,13 +113,22 @@ def raw_publisher(channel: Any, routing_key: str) -> Callable[[bytes], None]:
 
 
 def prefill(url: str, queue: Queue, bodies: Sequence[bytes]) -> None:
-    """Publish `bodies` with a raw loop (no confirms, not timed), then wait until the queue has them all."""
+    """Publish `bodies` with a raw loop (no confirms, not timed), then wait until the queue has them all.
+
+    On ``sqlite://`` a publish without confirms is a commit of its own: the loop uses the
+    transport's confirm mode, which commits every few hundred messages.
+    """
     with raw_connection(url) as conn:
         channel = conn.channel()
         queue(channel).declare()
+        batched = is_sqlite_url(url)
+        if batched:
+            channel.confirm_select()
         publish = raw_publisher(channel, queue.name)
         for body in bodies:
             publish(body)
+        if batched:
+            channel.flush()
         deadline = time.monotonic() + 60
         while message_count(conn, queue.name) < len(bodies):
             if time.monotonic() > deadline:
@@ -112,6 +149,17 @@ def wait_for_broker(url: str, timeout: float = 180.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+def reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None if a connection to `url` can be made now, else why not (one line)."""
+    try:
+        with raw_connection(url) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+            conn.channel().close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: not there
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
 
 
 def delete_queues(url: str, *names: str) -> None:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
-from benchmarks import plumbing
+from benchmarks import plain_sqlite, plumbing
 from benchmarks.core import Config, Figure, Row, Step, Target
+from kqueue.brokers import mask
 
 N = 100_000
 #: Prefetch 1 is slow (a round trip per message): it works N / 5 messages.
 P1_DIVISOR = 5
+#: Messages the raw Kombu baseline works on ``sqla+sqlite://`` (a few hundred a second), at every prefetch.
+N_SQLA = 2_000
+#: On sqlite://: kqueue against sqla+sqlite (times) and against kqueue on RabbitMQ in the same run (ratio).
+SQLA_TARGET = Target("ratio>=", 10.0)
+REFERENCE_TARGET = Target("ratio>=", 0.5)
 
 
 @dataclass(frozen=True)
@@ -21,23 +29,27 @@ class Setup:
     concurrency: int
     divisor: int
     target: float
+    short: str
 
 
 SETUPS = [
-    Setup("p1", "prefetch 1", 1, 1, P1_DIVISOR, 0.9),
-    Setup("p100c1", "prefetch 100 conc 1", 100, 1, 1, 0.85),
-    Setup("p100c4", "prefetch 100 conc 4", 100, 4, 1, 0.85),
+    Setup("p1", "prefetch 1", 1, 1, P1_DIVISOR, 0.9, "p1"),
+    Setup("p100c1", "prefetch 100 conc 1", 100, 1, 1, 0.85, "p100 c1"),
+    Setup("p100c4", "prefetch 100 conc 4", 100, 4, 1, 0.85, "p100 c4"),
 ]
 
 
 def figure(config: Config) -> Figure:
     starts: dict[str, float] = {}
+    start_cpu: dict[str, float] = {}
 
-    def kqueue_argv(name: str, setup: Setup) -> list[str]:
+    urls = {"kq": config.url, "raw": config.baseline, "ref": config.reference_url or config.url}
+
+    def kqueue_argv(name: str, setup: Setup, url: str = config.url) -> list[str]:
         # --quiet: no line per task, as the raw consumer prints none either
         return plumbing.kqueue_argv(
             "kqueue-work",
-            config.url,
+            url,
             name,
             config.queue_type,
             "--burst",
@@ -56,7 +68,7 @@ def figure(config: Config) -> Figure:
             "-m",
             "benchmarks.raw_consumer",
             "--broker",
-            config.url,
+            config.baseline,
             "--queue",
             name,
             "--prefetch",
@@ -65,29 +77,39 @@ def figure(config: Config) -> Figure:
             config.queue_type,
         ]
 
+    def argv_of(side: str, name: str, setup: Setup) -> list[str]:
+        return raw_argv(name, setup) if side == "raw" else kqueue_argv(name, setup, urls[side])
+
+    def count(side: str, setup: Setup) -> int:
+        if side == "raw" and plumbing.is_sqla_url(config.baseline):
+            return config.count(N_SQLA)
+        return config.count(N // setup.divisor)
+
     def empty(side: str) -> dict[str, float]:
         name = plumbing.fresh_name("work-empty")
-        argv = kqueue_argv(name, SETUPS[0]) if side == "kq" else raw_argv(name, SETUPS[0])
+        url = urls[side]
         try:
-            plumbing.declare(config.url, plumbing.raw_queue(name, config.queue_type))
-            seconds = plumbing.check(plumbing.run_timed(argv), f"{side} worker on an empty queue").seconds
+            plumbing.declare(url, plumbing.raw_queue(name, config.queue_type))
+            run = plumbing.run_timed(argv_of(side, name, SETUPS[0]))
+            seconds = plumbing.check(run, f"{side} worker on an empty queue").seconds
         finally:
-            plumbing.delete_queues(config.url, name)
+            plumbing.delete_queues(url, name)
         starts[side] = seconds
+        start_cpu[side] = run.cpu_seconds
         return {f"{side}_empty_s": seconds}
 
     def work(side: str, setup: Setup) -> dict[str, float]:
-        n = config.count(N // setup.divisor)
+        n = count(side, setup)
+        url = urls[side]
         name = plumbing.fresh_name(f"work-{setup.key}")
-        argv = kqueue_argv(name, setup) if side == "kq" else raw_argv(name, setup)
         try:
-            plumbing.prefill(config.url, plumbing.raw_queue(name, config.queue_type), plumbing.bodies(n))
-            run = plumbing.check(plumbing.run_timed(argv), f"{side} worker ({setup.label})")
-            left = plumbing.remaining(config.url, name)
+            plumbing.prefill(url, plumbing.raw_queue(name, config.queue_type), plumbing.bodies(n))
+            run = plumbing.check(plumbing.run_timed(argv_of(side, name, setup)), f"{side} worker ({setup.label})")
+            left = plumbing.remaining(url, name)
             if left:
                 raise RuntimeError(f"{side} worker ({setup.label}) exited with {left} messages left in {name}")
         finally:
-            plumbing.delete_queues(config.url, name)
+            plumbing.delete_queues(url, name)
         key = f"{side}_{setup.key}"
         values = {
             key: n / run.seconds,
@@ -97,8 +119,16 @@ def figure(config: Config) -> Figure:
         net = run.seconds - starts[side]
         if net > 0.05 * run.seconds:  # else start-up noise swamps the work: leave it out
             values[f"{key}_net"] = n / net
+            values[f"{key}_cpu_net_us"] = (run.cpu_seconds - start_cpu[side]) / n * 1e6
         return values
 
+    def plain(prefetch: int) -> dict[str, float]:
+        assert config.plain_db is not None
+        texts = [body.decode() for body in plumbing.bodies(config.count(N // (P1_DIVISOR if prefetch == 1 else 1)))]
+        return {f"plain_p{prefetch}": len(texts) / plain_sqlite.work(Path(config.plain_db), texts, prefetch)}
+
+    if config.sqlite:
+        return _sqlite_figure(config, empty, work, plain, count)
     steps = [Step("kqueue-work, empty queue", lambda: empty("kq")), Step("raw, empty queue", lambda: empty("raw"))]
     rows = [Row("work: start-up, empty queue", "s", "kq_empty_s", "raw_empty_s")]
     for setup in SETUPS:
@@ -117,4 +147,46 @@ def figure(config: Config) -> Figure:
         "both workers are subprocesses timed from start to exit; 'excl. start' subtracts the same round's "
         "run on an empty queue; raw = ConsumerMixin acking in its callback (no threads), same prefetch",
     ]
+    return Figure("work", steps, rows, notes)
+
+
+def _sqlite_figure(
+    config: Config,
+    empty: Callable[[str], dict[str, float]],
+    work: Callable[[str, Setup], dict[str, float]],
+    plain: Callable[[int], dict[str, float]],
+    count: Callable[[str, Setup], int],
+) -> Figure:
+    """On sqlite://: kqueue-work beside raw Kombu on sqla+sqlite, a plain sqlite3 loop, and kqueue on RabbitMQ."""
+    sides = ["kq", "raw"] + (["ref"] if config.reference_url else [])
+    names = {"kq": "kqueue-work", "raw": "raw sqla+sqlite", "ref": "kqueue-work on RabbitMQ"}
+    steps = [Step(f"{names[side]}, empty queue", partial(empty, side)) for side in sides]
+    rows = [
+        Row("work: start-up, empty queue, vs sqla", "s", "kq_empty_s", "raw_empty_s"),
+    ]
+    for setup in SETUPS:
+        steps += [Step(f"{names[side]} {setup.label}", partial(work, side, setup)) for side in sides]
+        if setup.concurrency == 1:
+            steps.append(Step(f"plain sqlite3, {setup.prefetch} a claim", partial(plain, setup.prefetch)))
+        key, short = setup.key, setup.short
+        rows.append(Row(f"work: {short} excl. start vs sqla", "msg/s", f"kq_{key}_net", f"raw_{key}_net", SQLA_TARGET))
+        if config.reference_url:
+            label = f"work: {short} vs kqueue on RabbitMQ"
+            rows.append(Row(label, "msg/s", f"kq_{key}", f"ref_{key}", REFERENCE_TARGET))
+        rows += [
+            Row(f"work: {short} excl. start vs sqlite3", "msg/s", f"kq_{key}_net", f"plain_p{setup.prefetch}"),
+            Row(f"work: {short} net CPU/msg vs sqla", "us", f"kq_{key}_cpu_net_us", f"raw_{key}_cpu_net_us"),
+        ]
+    rows.append(Row("work: peak RSS, p100 c1, vs sqla", "MB", "kq_p100c1_rss_mb", "raw_p100c1_rss_mb"))
+    counts = ", ".join(f"{s.label}: {count('kq', s)} (sqla+sqlite {count('raw', s)})" for s in SETUPS)
+    notes = [
+        f"messages per run: {counts}; queues pre-filled by a raw loop, not timed",
+        "workers are subprocesses timed from start to exit; 'excl. start' subtracts the same round's run on an "
+        "empty queue (the sqla+sqlite runs are short: their start-up would swamp them); raw = ConsumerMixin "
+        "acking in its callback, same prefetch, on sqla+sqlite",
+        "plain = sqlite3 in this process: claim N rows (UPDATE ... SET owner ... RETURNING), delete them with the "
+        "next claim; N = the prefetch (the ceiling: no Kombu, no subprocess)",
+    ]
+    if config.reference_url:
+        notes.append(f"RabbitMQ = the same kqueue-work, same N, on {mask(config.reference_url)}")
     return Figure("work", steps, rows, notes)
