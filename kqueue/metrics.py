@@ -17,9 +17,11 @@ seconds, else 503 with the reason in one line.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib.util
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -483,7 +485,13 @@ class MetricsServer:
         return _text(start_response, "404 Not Found", "not found: try /metrics or /healthz")
 
     def close(self) -> None:
-        self._server.shutdown()
+        # shutdown() waits for the serving loop's next poll; a connection of
+        # our own wakes it at once, so a worker's exit is not held up.
+        stopper = threading.Thread(target=self._server.shutdown, name="kqueue-metrics-stop", daemon=True)
+        stopper.start()
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        stopper.join(5)
         self._server.server_close()
         self._thread.join(5)
 
