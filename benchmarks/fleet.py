@@ -22,19 +22,7 @@ def figure(config: Config) -> Figure:
     n = config.count(N)
 
     def argv(name: str, *extra: str) -> list[str]:
-        return plumbing.kqueue_argv(
-            "kqueue-work",
-            config.url,
-            name,
-            config.queue_type,
-            "--burst",
-            "--quiet",
-            "--dot-seconds",
-            "0",
-            "--prefetch",
-            str(PREFETCH),
-            *extra,
-        )
+        return plumbing.burst_worker_argv(config.url, name, config.queue_type, PREFETCH, *extra)
 
     def drained(key: str, what: str, commands: Sequence[list[str]]) -> dict[str, float]:
         name = plumbing.fresh_name(f"fleet-{key}")

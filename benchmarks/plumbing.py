@@ -36,6 +36,26 @@ def kqueue_argv(name: str, url: str, queue: str, queue_type: str, *args: str) ->
     return [tool(name), "--broker", url, "--queue", queue, "--queue-type", queue_type, *args]
 
 
+def burst_worker_argv(url: str, queue: str, queue_type: str, prefetch: int, *args: str) -> list[str]:
+    """kqueue-work draining `queue` and exiting, a no-op per task, no line per task; then `args`.
+
+    --quiet: no line per task, as the raw consumers print none either.
+    """
+    return kqueue_argv(
+        "kqueue-work",
+        url,
+        queue,
+        queue_type,
+        "--burst",
+        "--quiet",
+        "--dot-seconds",
+        "0",
+        "--prefetch",
+        str(prefetch),
+        *args,
+    )
+
+
 def fresh_name(figure: str) -> str:
     """A queue name no other benchmark (or run) uses."""
     return f"kqbench-{figure}-{uuid.uuid4().hex[:8]}"

@@ -46,21 +46,8 @@ def figure(config: Config) -> Figure:
     urls = {"kq": config.url, "raw": config.baseline, "ref": config.reference_url or config.url}
 
     def kqueue_argv(name: str, setup: Setup, url: str = config.url) -> list[str]:
-        # --quiet: no line per task, as the raw consumer prints none either
-        return plumbing.kqueue_argv(
-            "kqueue-work",
-            url,
-            name,
-            config.queue_type,
-            "--burst",
-            "--quiet",
-            "--dot-seconds",
-            "0",
-            "--prefetch",
-            str(setup.prefetch),
-            "--concurrency",
-            str(setup.concurrency),
-        )
+        concurrency = ("--concurrency", str(setup.concurrency))
+        return plumbing.burst_worker_argv(url, name, config.queue_type, setup.prefetch, *concurrency)
 
     def raw_argv(name: str, setup: Setup) -> list[str]:
         return [

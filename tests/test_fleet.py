@@ -127,11 +127,14 @@ def test_health_names_the_first_process_in_trouble(member: Member, reason: str) 
 
 
 def get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of GET `path` on this machine's `port`; status 0 while nothing listens there."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+    except OSError as error:  # not listening yet
+        return 0, str(error)
 
 
 def test_the_server_gives_metrics_health_and_nothing_else() -> None:

@@ -6,8 +6,6 @@ import os
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kqueue.queues import QueueType, task_queue
 
 from ..conftest import delete_queues, unique, wait_for
+from ..test_fleet import get
 from . import rabbit
 from .procs import Worker, ready, run_send
 
@@ -34,16 +33,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:  # not listening yet
-        return 0, str(error)
 
 
 def scrape(port: int) -> dict[str, float]:
