@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from kombu import Connection, Queue
 
+import kqueue
 from kqueue.brokers import connect
 from kqueue.queues import QueueType, task_queue
 
@@ -26,6 +27,13 @@ DEFAULT_URLS = {
 }
 ENV = {"amqp": "KQUEUE_TEST_AMQP_URL", "redis": "KQUEUE_TEST_REDIS_URL"}
 COMPOSE_PORTS = {"amqp": ("rabbitmq", 5672), "redis": ("redis", 6379)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under KQUEUE_TEST_INSTALLED (CI), refuse to test anything but the installed package."""
+    source = Path(kqueue.__file__).resolve().parent
+    if os.environ.get("KQUEUE_TEST_INSTALLED") and "site-packages" not in source.parts:
+        raise pytest.UsageError(f"KQUEUE_TEST_INSTALLED is set, but kqueue was imported from {source}")
 
 
 def unique(prefix: str = "t") -> str:
