@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +103,10 @@ class Sender:
         self._declared: set[str] = set()
         # Unconfirmed messages by delivery tag, in publish order.
         self._unconfirmed: OrderedDict[int, Outgoing] = OrderedDict()
+        # Messages of a lost or replaced channel, to go out again before anything new.
+        self._resend: deque[Outgoing] = deque()
+        # Losses of the connection with nothing confirmed in between: one episode (see `_lost`).
+        self._losses = _Losses()
         self._refused = _Refused()
         self._next_tag = 1
         self._returned: list[str] = []
@@ -166,7 +170,7 @@ class Sender:
     @property
     def unconfirmed(self) -> int:
         """Messages published and not yet confirmed, including those the broker refused, to be sent again."""
-        return len(self._unconfirmed) + len(self._refused.messages)
+        return len(self._unconfirmed) + len(self._refused.messages) + len(self._resend)
 
     def send(self, text: str) -> None:
         """Send one task and wait for the broker's confirm.
@@ -194,7 +198,6 @@ class Sender:
         """Publish prepared messages (see `Outgoing`); the lower level of `send_many`."""
         start = self.confirmed
         source = iter(messages)
-        deadline: float | None = None
         while True:
             try:
                 self._ensure_channel()
@@ -202,16 +205,18 @@ class Sender:
                 self._check_returned()
                 return self.confirmed - start
             except (*self.connection.recoverable_connection_errors, OSError) as exc:
-                deadline = deadline or time.monotonic() + self.reconnect_for
-                self._lost(exc, deadline)
+                self._lost(exc)
 
     # -- the publish loop ----------------------------------------------------
 
     def _publish_all(self, source: Iterator[Outgoing], on_confirmed: Callable[[int], None] | None) -> None:
-        # After a reconnect, what was unconfirmed goes out again first.
-        retry, self._unconfirmed = list(self._unconfirmed.values()), OrderedDict()
-        for message in retry:
-            self._publish_one(message, on_confirmed)
+        # After a reconnect, what was unconfirmed goes out again first. Each is taken off
+        # `_resend` only as `_publish_one` counts it unconfirmed again: a loss half-way
+        # through leaves every one of them to the next attempt.
+        self._resend = deque([*self._unconfirmed.values(), *self._resend])
+        self._unconfirmed = OrderedDict()
+        while self._resend:
+            self._publish_one(self._resend.popleft(), on_confirmed)
         for message in source:
             self._publish_one(message, on_confirmed)
         self._await_confirms(0, on_confirmed)
@@ -374,9 +379,14 @@ class Sender:
                 self._refused.delay,
             )
             self._refused.logged = now
-        for message in due:
+        self._send_again(due)
+
+    def _send_again(self, messages: list[Outgoing]) -> None:
+        """Publish `messages` again on this channel, each counted unconfirmed before any goes out."""
+        for message in messages:
             self._unconfirmed[self._next_tag] = message
             self._next_tag += 1
+        for message in messages:
             self._send(message)
 
     def _renew_channel(self, refused: list[Outgoing], now: float) -> None:
@@ -391,16 +401,15 @@ class Sender:
         )
         self._refused.renewed = self._refused.logged = now
         channel, self._channel = self._channel, None
+        self._resend = deque([*pending, *self._resend])
         self._unconfirmed = OrderedDict()
         try:
             channel.close()
         except Exception:  # noqa: BLE001 - closing a broken channel cannot fail usefully
             pass
         self._ensure_channel()
-        for message in pending:
-            self._unconfirmed[self._next_tag] = message
-            self._next_tag += 1
-            self._send(message)
+        again, self._resend = list(self._resend), deque()
+        self._send_again(again)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.append(routing_key)
@@ -445,11 +454,15 @@ class Sender:
             declare(self.connection, self._queues[routing_key])
         self._declared.add(routing_key)
 
-    def _lost(self, exc: BaseException, deadline: float) -> None:
+    def _lost(self, exc: BaseException) -> None:
         """The connection broke: drop the channel and reconnect, to the next node first, or give up.
 
         Each round tries every node of the URL once; rounds are apart by a
         growing pause. What was unconfirmed or refused goes out again first.
+        Losses with nothing confirmed in between are one episode (`_Losses`):
+        said once, given `reconnect_for` seconds in all, and apart by a growing
+        pause when reconnecting works at once but sending does not (a queue
+        file locked by another process, a full disk).
         """
         self._channel = None
         for message in self._refused.take_all():
@@ -460,20 +473,24 @@ class Sender:
             self.connection.close()
         except Exception:  # noqa: BLE001 - the connection is already broken
             pass
-        log.warning(
+        first = self._losses.begin(self.confirmed, self.reconnect_for)
+        say = log.warning if first else log.debug
+        say(
             "lost the connection to broker %s (%s); reconnecting, then sending the %d unconfirmed messages again",
             lost,
             describe(exc),
             self.unconfirmed,
         )
         self.connection.maybe_switch_next()  # the node just lost is the likeliest to be down
+        deadline = self._losses.deadline
+        time.sleep(min(self._losses.pause, max(0.0, deadline - time.monotonic())))
         delay = 0.5
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishFailed(
                     f"lost the connection to broker {lost} ({describe(exc)}) "
-                    f"and no node came back within {self.reconnect_for:g}s",
+                    f"and could not send again within {self.reconnect_for:g}s",
                     self.confirmed,
                 ) from None
             try:
@@ -484,8 +501,25 @@ class Sender:
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 5.0)
                 continue
-            log.warning("reconnected to broker %s; sending %d messages again", self._where, self.unconfirmed)
+            say("reconnected to broker %s; sending %d messages again", self._where, self.unconfirmed)
             return
+
+
+class _Losses:
+    """Losses of the connection with nothing confirmed in between: one episode, with one deadline."""
+
+    def __init__(self) -> None:
+        self.confirmed = -1
+        self.deadline = 0.0
+        self.pause = 0.0  # before reconnecting: 0 for a first loss, then growing
+
+    def begin(self, confirmed: int, reconnect_for: float) -> bool:
+        """Count a loss, `confirmed` messages having been confirmed; whether it starts a new episode."""
+        if confirmed != self.confirmed:
+            self.confirmed, self.deadline, self.pause = confirmed, time.monotonic() + reconnect_for, 0.0
+            return True
+        self.pause = min(max(self.pause * 2, 0.1), 2.0)
+        return False
 
 
 class _Refused:

@@ -76,6 +76,8 @@ def send_main(
                 sent = sender.send_many(texts, on_confirmed=progress)
         except PublishFailed as exc:
             raise KQueueError(f"{exc}; confirmed {exc.confirmed} of {len(texts)} messages") from None
+        if sent != len(texts):  # never: every message is confirmed, or PublishFailed says how many were
+            raise KQueueError(f"the broker confirmed {sent} of {len(texts)} messages")
         click.echo(f" [x] Sent {sent} messages to {queue.name!r}")
 
 
