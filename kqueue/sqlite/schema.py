@@ -1,0 +1,162 @@
+"""The queue file's tables, and opening a file: kqueue's own, made anew, upgraded, or refused in one line."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from kqueue.errors import KQueueError
+from kqueue.sqlite.failures import translated
+from kqueue.sqlite.options import Options
+
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "connect", "prepare"]
+
+#: SQLite's header field for the application that owns a file: "kque" in ASCII.
+APPLICATION_ID = 0x6B717565
+#: 1: the tables below, before files carried kqueue's application id. 2: the id, and free pages given back.
+SCHEMA_VERSION = 2
+#: How large the write-ahead log may stay once checkpointed (bytes); it grows past this only while needed.
+WAL_LIMIT = 4 << 20
+
+TABLES = """
+CREATE TABLE queues (name TEXT PRIMARY KEY);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    owner TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX messages_ready ON messages (queue, id) WHERE owner IS NULL;
+CREATE INDEX messages_owned ON messages (owner) WHERE owner IS NOT NULL;
+CREATE TABLE consumers (
+    owner TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    turn INTEGER NOT NULL DEFAULT 0,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    looked REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, tag)
+);
+CREATE TABLE bindings (
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    pattern TEXT,
+    queue TEXT NOT NULL,
+    type TEXT NOT NULL,
+    PRIMARY KEY (exchange, routing_key, queue)
+);
+"""
+_NAMES = {"queues", "messages", "consumers", "bindings"}
+
+
+def connect(path: Path, options: Options, synchronous: str) -> sqlite3.Connection:
+    """A connection to the queue file, which `prepare` has checked, in WAL mode."""
+    with translated(path, "open", options.busy_timeout):
+        db = sqlite3.connect(path, timeout=options.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        except BaseException:
+            db.close()
+            raise
+    return db
+
+
+def prepare(path: Path, options: Options) -> None:
+    """Make sure `path` is a kqueue queue file of this version: create it, upgrade it, or refuse it.
+
+    Raises:
+        KQueueError: the folder is missing, a file is not writable, the file is another
+            application's database, or a newer kqueue's.
+    """
+    _check_access(path)
+    if not path.exists():
+        _forget_leftovers(path)
+    with translated(path, "open", options.busy_timeout):
+        db = sqlite3.connect(path, timeout=options.busy_timeout, isolation_level=None)
+        try:
+            _prepare(db, path)
+        finally:
+            db.close()
+
+
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    # Reading the header takes no lock, so opening a file never waits on a writer.
+    if _kind(db, path) == "current":
+        return
+    # Several processes may open a new file at once: the write lock makes one of them create it.
+    # A new file gives back the pages of deleted rows (auto_vacuum), which it can take only before WAL and tables.
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        kind = _kind(db, path)
+        if kind == "new":
+            for statement in TABLES.split(";"):
+                db.execute(statement)
+        if kind != "current":
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+
+def _kind(db: sqlite3.Connection, path: Path) -> str:
+    """'current', 'new' (empty) or 'old' (kqueue's first schema); anything else is refused."""
+    app = db.execute("PRAGMA application_id").fetchone()[0]
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if app == APPLICATION_ID:
+        if version > SCHEMA_VERSION:
+            raise KQueueError(
+                f"queue file {path} was made by a newer kqueue (schema {version}; this one knows up to "
+                f"{SCHEMA_VERSION}): upgrade kqueue to use it"
+            )
+        return "current" if version == SCHEMA_VERSION else "old"
+    if app == 0 and version == 0 and not tables:
+        return "new"
+    if app == 0 and version == 1 and tables == _NAMES:
+        return "old"
+    shown = ", ".join(sorted(tables)) or "none"
+    raise KQueueError(
+        f"{path} is not a kqueue queue file (application_id {app}, user_version {version}, tables: {shown}); "
+        "kqueue leaves it alone: give the queue a file of its own"
+    )
+
+
+def _check_access(path: Path) -> None:
+    """Refuse at once what SQLite would fail later, and leave -wal and -shm files behind for."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise KQueueError(f"cannot open the queue database {path}: its folder does not exist")
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if name.exists() and not os.access(name, os.R_OK | os.W_OK):
+            raise KQueueError(_unwritable(name, path))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KQueueError(_unwritable(folder, path))
+
+
+def _unwritable(name: Path, path: Path) -> str:
+    info = name.stat()
+    return (
+        f"queue file {path}: {name} is not writable by this user (uid {os.geteuid()}; it belongs to uid "
+        f"{info.st_uid}, mode {info.st_mode & 0o777:o}): every process of a queue writes the file, its "
+        f"-wal and -shm files, its folder and {path.name}.owners/; share them through a group (umask 002)"
+    )
+
+
+def _forget_leftovers(path: Path) -> None:
+    """Remove the -wal and -shm files of a database file that was removed.
+
+    A new file must not take them for its own: processes that still have the
+    removed file open write to them, and SQLite would read their pages as the
+    new file's.
+    """
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
