@@ -8,27 +8,36 @@ closes has lost its parent, and stops as if asked (`follow_parent`). A stop
 asked that way is not a signal, so a worker process that gets the same
 Ctrl+C from the terminal, or the same SIGTERM from systemd, still counts one
 stop, not two.
+
+With metrics, the parent makes a temporary `Folder` where each worker
+process leaves its snapshot; a lock file in it, held by every process of
+the fleet, tells a later fleet whether this one is gone (`sweep`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from kqueue.logs import fields
-from kqueue.metrics import Exposition, Member, MetricsServer, Reports, Snapshot, judge
+from kqueue.metrics import Exposition, Member, MetricsServer, Outage, Reports, Snapshot, judge
 
-__all__ = ["Fleet", "child_command", "follow_parent", "serve_fleet"]
+__all__ = ["Fleet", "Folder", "child_command", "follow_parent", "serve_fleet", "sweep"]
 
 log = logging.getLogger("kqueue.fleet")
 
@@ -37,6 +46,10 @@ RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 #: A worker process that ran this long before it died is replaced after `RESTART_FIRST` again.
 STEADY_AFTER = 60.0
+#: How a fleet's folder is named in the temporary directory, where `sweep` looks for those of fleets that are gone.
+FOLDER_PREFIX = "kqueue-fleet-"
+#: Seconds between two sweeps by a running parent, for the folders of fleets whose worker processes outlived it.
+SWEEP_EVERY = 60.0
 
 
 @dataclass(eq=False)
@@ -68,6 +81,8 @@ class Fleet:
             when all have. Otherwise any exit but in a stop is a death.
         env: the worker processes' environment.
         on_exit: called in the parent's loop with the pid of each worker process that exited.
+        folder: the fleet's folder, if any: each worker process inherits its
+            lock, and the loop makes it again if it is removed.
     """
 
     def __init__(
@@ -78,12 +93,14 @@ class Fleet:
         finite: bool,
         env: dict[str, str] | None = None,
         on_exit: Callable[[int], None] = lambda pid: None,
+        folder: Folder | None = None,
     ) -> None:
         self.slots = [Slot(index) for index in range(processes)]
         self._command = command
         self._finite = finite
         self._env = env
         self._on_exit = on_exit
+        self._folder = folder
         self._signals = 0  # written only by the signal handler
         self._signal_name = ""
         self._acted = 0
@@ -107,6 +124,8 @@ class Fleet:
                 self._act_on_signals()
                 self._reap()
                 self._restart_due()
+                if self._folder is not None:
+                    self._folder.keep()
                 if self._over():
                     break
                 self._wait(self._timeout())
@@ -171,7 +190,9 @@ class Fleet:
     def _start(self, slot: Slot) -> None:
         slot.restart_at = None
         slot.started = time.monotonic()
-        slot.proc = subprocess.Popen(self._command(slot.index), stdin=subprocess.PIPE, env=self._env)
+        # The folder's lock goes with each worker process: it stays held for as long as any of them runs.
+        inherit = (self._folder.fd,) if self._folder is not None else ()
+        slot.proc = subprocess.Popen(self._command(slot.index), stdin=subprocess.PIPE, env=self._env, pass_fds=inherit)
         log.info("started worker process %d", slot.index, extra=fields(pid=slot.proc.pid))
 
     def _reap(self) -> None:
@@ -265,6 +286,108 @@ def _close(stream: IO[bytes] | None) -> None:
             pass
 
 
+class Folder:
+    """The fleet's temporary folder, where its worker processes leave their metrics snapshots.
+
+    The parent makes it, makes it again if it is removed, and removes it as
+    it exits. A SIGKILLed parent cannot, so a lock file in it tells a later
+    fleet whether it is abandoned: the parent holds a flock on ``owner.lock``
+    and each worker process inherits it, and the kernel releases it once the
+    last of them is gone, however they ended. A pid written in a file could
+    not say as much: the pid of a dead parent may be another process's now.
+
+    Attributes:
+        path: the folder.
+        fd: the lock file, held; each worker process gets it (``pass_fds``).
+    """
+
+    LOCK = "owner.lock"
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self._outage = Outage(f"make the fleet's folder {path}")
+        self._next_sweep = time.monotonic() + SWEEP_EVERY
+
+    @classmethod
+    def make(cls, parent: Path | None = None) -> Folder:
+        """Remove the abandoned folders in `parent` (the temporary directory by default), then make one, held."""
+        parent = parent or Path(tempfile.gettempdir())
+        sweep(parent)
+        path = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))
+        return cls(path, _hold(path))
+
+    def keep(self) -> None:
+        """At each turn of the parent's loop: make the folder again if it was removed; sweep now and then."""
+        if not (self.path / self.LOCK).exists():
+            self._remake()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            sweep(self.path.parent)
+
+    def _remake(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, exist_ok=True)
+            fd = _hold(self.path)
+        except OSError as exc:
+            self._outage.failed(exc)
+            return
+        # Same number, new lock: worker processes started from now on inherit this one.
+        os.dup2(fd, self.fd, inheritable=False)
+        os.close(fd)
+        if not self._outage.worked():
+            log.warning("the fleet's folder %s was removed; made it again", self.path)
+
+    def close(self) -> None:
+        """Remove the folder, once every worker process has exited."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self.fd)
+
+
+def _hold(folder: Path) -> int:
+    """A new lock file in `folder`, locked before it takes its name, so that no sweep ever finds it free."""
+    fd, temp = tempfile.mkstemp(prefix=".owner-", dir=folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(temp, folder / Folder.LOCK)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return fd
+
+
+def sweep(parent: Path) -> list[Path]:
+    """Remove the fleets' folders in `parent` whose lock nobody holds: every process of their fleet is gone.
+
+    A folder without a lock file is left alone: it is being made (the lock
+    comes a moment later), or was made by an older kqueue, whose fleet may
+    still run. So is one of another user's.
+    """
+    removed = [path for path in sorted(parent.glob(FOLDER_PREFIX + "*")) if _remove_abandoned(path)]
+    for path in removed:
+        log.info("removed %s, left by a fleet whose processes are all gone", path)
+    return removed
+
+
+def _remove_abandoned(path: Path) -> bool:
+    try:
+        if path.lstat().st_uid != os.getuid():
+            return False
+        fd = os.open(path / Folder.LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held through the removal: no other sweep races this one
+        shutil.rmtree(path)  # refuses a symbolic link
+    except OSError:  # held: a process of that fleet still runs; or it could not be removed
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def child_command(args: list[str]) -> list[str]:
     """The command line of a worker process: this interpreter, ``kqueue-work`` with `args`."""
     return [sys.executable, "-c", "from kqueue.cli.work import work_main; work_main(prog_name='kqueue-work')", *args]
@@ -310,7 +433,8 @@ def serve_fleet(port: int, fleet: Fleet, reports: Reports) -> MetricsServer:
             if pid is None:
                 members.append(Member(slot.index, None, note=_absence(slot)))
             else:
-                members.append(Member(slot.index, pid, reports.read(pid)))
+                snapshot, seen = reports.look(pid)
+                members.append(Member(slot.index, pid, snapshot, seen=seen))
         return judge(members, time.time())
 
     return MetricsServer(port, Exposition(reports.queue, gather, lambda: fleet.restarts), health)

@@ -12,6 +12,10 @@ serves the sum: one scrape for the whole fleet.
 `/healthz` answers from the same snapshots (`judge`): 200 while every worker
 process is connected to the broker and its loop turned within `STALE_AFTER`
 seconds, else 503 with the reason in one line.
+
+The snapshots are a side channel: a write that fails (the folder removed, the
+disk full) is logged once per `Outage` and tried again at the next report,
+never raised into the worker's loop, which would take it for a lost broker.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import bisect
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import socket
 import threading
@@ -31,7 +36,8 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from kqueue.errors import KQueueError
+from kqueue.errors import KQueueError, describe
+from kqueue.logs import fields
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -44,14 +50,18 @@ __all__ = [
     "Exposition",
     "Member",
     "MetricsServer",
+    "Outage",
     "Reports",
     "Snapshot",
+    "SnapshotFile",
     "Tally",
     "judge",
     "metered",
     "require_prometheus",
     "serve_worker",
 ]
+
+log = logging.getLogger("kqueue.metrics")
 
 #: Upper bounds (seconds) of the handler-duration histogram's buckets; +Inf follows.
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -215,7 +225,8 @@ def metered(base: type[Worker], tally: Tally, report: Callable[[Snapshot], None]
 
     `report`, if given, is called with a fresh snapshot on the connection
     thread every `REPORT_EVERY` seconds while the loop turns, at once when the
-    connection comes or goes, and by `close()`.
+    connection comes or goes, and by `close()`. It must not raise: the loop
+    would take its error for a lost connection (`Reports.writer` does not).
     """
 
     class MeteredWorker(base):  # type: ignore[valid-type,misc]
@@ -270,6 +281,42 @@ def metered(base: type[Worker], tally: Tally, report: Callable[[Snapshot], None]
     return MeteredWorker
 
 
+class Outage:
+    """A run of failed writes to a side channel: one line as it starts, one more once a write works again.
+
+    Such a write is tried again at its usual pace, so a line per failure
+    would flood the log (four a second per worker process); and nothing of
+    it reaches the tasks, which go on.
+
+    Parameters:
+        what: what failed, after "cannot", e.g. ``write the metrics snapshot to /tmp/x``.
+        facts: fields of both lines.
+    """
+
+    def __init__(self, what: str, **facts: Any) -> None:
+        self.what = what
+        self.facts = facts
+        self.since: float | None = None  # monotonic time of the first failure of this run
+
+    def failed(self, exc: OSError) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning(
+                "cannot %s: %s; tasks go on, and it is tried again",
+                self.what,
+                exc.strerror or describe(exc),
+                extra=fields(**self.facts),
+            )
+
+    def worked(self) -> bool:
+        """A write worked: whether that ended an outage (and said so)."""
+        if self.since is None:
+            return False
+        log.info("could %s again, after %.1fs", self.what, time.monotonic() - self.since, extra=fields(**self.facts))
+        self.since = None
+        return True
+
+
 class Reports:
     """The folder where a fleet's worker processes leave their snapshots for the parent, a file per process.
 
@@ -277,74 +324,150 @@ class Reports:
     reader never sees half of one. Once a process has exited, the parent
     folds its counters into the retired total and deletes its file, so a
     crash loop leaves no trail of files.
+
+    The parent keeps the last snapshot it read of each live process: while a
+    file is missing (its folder was removed, and is being made again) the
+    counters it serves stay where they were rather than drop, which
+    Prometheus would take for a restart of the counters.
     """
 
     def __init__(self, path: Path, queue: str) -> None:
         self.path = path
         self.queue = queue
         self._retired = Snapshot(queue=queue)
-        self._lock = threading.Lock()  # between the parent's loop (retire) and a scrape (read)
+        self._last: dict[int, tuple[Snapshot, float]] = {}  # pid -> last snapshot read, its file's time
+        self._lock = threading.Lock()  # between the parent's loop (retire) and the scrapes (read, gather)
 
     def writer(self) -> Callable[[Snapshot], None]:
-        """For a worker process: write its snapshot."""
-        mine = self.path / f"{os.getpid()}.json"
-        partial = self.path / f".{os.getpid()}.json.tmp"
-
-        def write(snapshot: Snapshot) -> None:
-            partial.write_text(snapshot.to_json(), encoding="utf-8")
-            os.replace(partial, mine)
-
-        return write
+        """For a worker process: a function that writes its snapshot, and never raises (see `SnapshotFile`)."""
+        return SnapshotFile(self.path, os.getpid())
 
     def read(self, pid: int) -> Snapshot | None:
+        """The last snapshot of worker process `pid`; None until it wrote one."""
+        return self.look(pid)[0]
+
+    def look(self, pid: int) -> tuple[Snapshot | None, float]:
+        """Worker process `pid`'s last snapshot, and when it last gave a sign of life (its file's time; 0 if none)."""
+        with self._lock:
+            return self._look(pid)
+
+    def _look(self, pid: int) -> tuple[Snapshot | None, float]:
         try:
-            return Snapshot.from_json((self.path / f"{pid}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
-            return None  # not written yet
+            with (self.path / f"{pid}.json").open(encoding="utf-8") as file:
+                seen = os.fstat(file.fileno()).st_mtime
+                snapshot = Snapshot.from_json(file.read())
+        except (OSError, ValueError, TypeError):  # not written yet, or its folder is gone for a moment
+            return self._last.get(pid, (None, 0.0))
+        self._last[pid] = (snapshot, seen)
+        return snapshot, seen
 
     def retire(self, pid: int) -> None:
         """For the parent, once worker process `pid` has exited: keep its counters, drop its file."""
         with self._lock:
-            last = self.read(pid)
+            last, _ = self._look(pid)
+            self._last.pop(pid, None)
             if last is not None:
                 self._retired = self._retired.plus(last)
             for leftover in (self.path / f"{pid}.json", self.path / f".{pid}.json.tmp"):
-                leftover.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
 
     def gather(self, pids: Iterable[int]) -> tuple[Snapshot, list[Snapshot]]:
         """The retired counters, and the snapshots of the live processes `pids` that have written one."""
         with self._lock:
-            live = [snapshot for pid in pids if (snapshot := self.read(pid)) is not None]
+            live = [snapshot for pid in pids if (snapshot := self._look(pid)[0]) is not None]
             return self._retired, live
+
+
+class SnapshotFile:
+    """A worker process's file in a fleet's folder: called with a snapshot, it writes it there.
+
+    A write that fails is logged once per `Outage` and tried again at the next
+    report; it never raises into the worker's loop. The folder belongs to the
+    parent, which makes it again if it was removed: a worker process that did
+    so itself could, orphaned, bring back a folder that nobody owns.
+
+    While writes fail, the file is still touched where it stands, a sign of
+    life that needs no room on a full disk: the parent can tell a worker
+    process that turns but cannot write from one that is stuck (see `judge`).
+    """
+
+    def __init__(self, folder: Path, pid: int) -> None:
+        self.path = folder / f"{pid}.json"
+        self._partial = folder / f".{pid}.json.tmp"
+        self._outage = Outage(f"write the metrics snapshot to {folder}", pid=pid)
+
+    def __call__(self, snapshot: Snapshot) -> None:
+        try:
+            self._partial.write_text(snapshot.to_json(), encoding="utf-8")
+            os.replace(self._partial, self.path)
+        except OSError as exc:
+            self._outage.failed(exc)
+            with contextlib.suppress(OSError):
+                self._partial.unlink(missing_ok=True)  # so as not to keep what room it got
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+        else:
+            self._outage.worked()
 
 
 @dataclass(frozen=True)
 class Member:
-    """A worker process as the health check sees it: its slot, its pid if it runs, its last snapshot."""
+    """A worker process as the health check sees it: its slot, its pid if it runs, its last snapshot.
+
+    `seen` is when it last gave a sign of life (its snapshot file's time), 0
+    if unknown: later than the snapshot's last turn when it cannot write.
+    """
 
     process: int
     pid: int | None
     snapshot: Snapshot | None = None
     note: str = ""
+    seen: float = 0.0
 
 
 def judge(members: Sequence[Member], now: float, stale_after: float = STALE_AFTER) -> tuple[bool, str]:
-    """Whether every worker process is connected and turning; the reason in one line."""
+    """Whether every worker process is connected and turning; the reason in one line.
+
+    A worker process that turns (its file was touched lately) but cannot
+    write its snapshot (a full disk) counts as healthy: its tasks go on, and
+    a restart would not give it room. The line then says which process's
+    connection is only known as of its last snapshot, and how old that is.
+    """
+    mute: list[str] = []
     for member in members:
-        name = f"worker process {member.process}"
-        if member.pid is None:
-            return False, f"{name} is not running{f' ({member.note})' if member.note else ''}"
-        name += f" (pid {member.pid})"
-        snapshot = member.snapshot
-        if snapshot is None:
-            return False, f"{name} has not started consuming yet"
-        if not snapshot.connected:
-            return False, f"{name} is not connected to the broker"
-        age = now - snapshot.last_turn
+        trouble = _trouble(member, now, stale_after)
+        if trouble is not None:
+            return False, trouble
+        age = now - member.snapshot.last_turn if member.snapshot is not None else 0.0
         if age > stale_after:
-            return False, f"{name} is stuck: its loop last turned {age:.1f}s ago"
+            mute.append(
+                f"{_name(member)} cannot write its metrics snapshot: its loop turns, "
+                f"and it was last known connected {age:.1f}s ago"
+            )
     count = len(members)
-    return True, f"ok: {count} worker process{'' if count == 1 else 'es'} connected and turning"
+    line = f"ok: {count} worker process{'' if count == 1 else 'es'} connected and turning"
+    return True, "; ".join([line, *mute])
+
+
+def _trouble(member: Member, now: float, stale_after: float) -> str | None:
+    """Why `member` is not healthy, or None."""
+    if member.pid is None:
+        return f"{_name(member)} is not running{f' ({member.note})' if member.note else ''}"
+    snapshot = member.snapshot
+    if snapshot is None:
+        return f"{_name(member)} has not started consuming yet"
+    if not snapshot.connected:
+        return f"{_name(member)} is not connected to the broker"
+    age = now - snapshot.last_turn
+    if age > stale_after and now - member.seen > stale_after:
+        return f"{_name(member)} is stuck: its loop last turned {age:.1f}s ago"
+    return None
+
+
+def _name(member: Member) -> str:
+    name = f"worker process {member.process}"
+    return name if member.pid is None else f"{name} (pid {member.pid})"
 
 
 class Exposition:

@@ -1,14 +1,26 @@
-"""The fleet's parts that need no broker: counting, the health verdict, the exposition, the parent's loop."""
+"""The fleet: counting, the health verdict, the exposition, the parent's loop, its folder; whole fleets on sqlite://.
+
+The whole fleets here inject real faults (a removed folder, a full disk, a
+SIGKILLed parent) into real ``kqueue-work --processes 2`` command lines, on
+sqlite://, which needs no server.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from kqueue import metrics
 from kqueue.cli.work import _child_args, work_main
 from kqueue.errors import KQueueError
-from kqueue.fleet import Fleet, follow_parent
-from kqueue.metrics import Exposition, Member, MetricsServer, Reports, Snapshot, Tally, judge
+from kqueue.fleet import Fleet, Folder, follow_parent, sweep
+from kqueue.metrics import STALE_AFTER, Exposition, Member, MetricsServer, Reports, Snapshot, Tally, judge
 
+from .broker.procs import Worker, run_send
 from .conftest import wait_for
 
 
@@ -88,6 +101,50 @@ def test_reports_keep_a_dead_processs_counters_and_drop_its_file(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_snapshot_that_cannot_be_written_is_logged_once_per_outage_and_never_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker process's snapshot file, written once
+    caplog.set_level(logging.INFO, logger="kqueue.metrics")
+    folder = tmp_path / "fleet"
+    folder.mkdir()
+    write = Reports(folder, "q").writer()
+    write(Snapshot(queue="q", received=1))
+
+    # When its folder is removed under it, and it goes on reporting
+    shutil.rmtree(folder)
+    for received in range(2, 6):
+        write(Snapshot(queue="q", received=received))
+
+    # Then one line says so, and nothing was raised
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"cannot write the metrics snapshot to {folder}: No such file or directory; tasks go on, and it is tried again"
+    ]
+
+    # And once the folder is back, the next write works, and says so
+    folder.mkdir()
+    write(Snapshot(queue="q", received=6))
+    assert Reports(folder, "q").read(os.getpid()) == Snapshot(queue="q", received=6)
+    assert caplog.records[-1].getMessage().startswith(f"could write the metrics snapshot to {folder} again, after ")
+    assert len(caplog.records) == 2
+
+
+def test_the_parent_keeps_a_processs_last_counts_while_its_file_is_missing(tmp_path: Path) -> None:
+    # Given a worker process's snapshot, read once by the parent
+    reports = Reports(tmp_path, "q")
+    reports.writer()(Snapshot(queue="q", pid=os.getpid(), received=7, done=7, connected=True))
+    assert reports.read(os.getpid()) is not None
+
+    # When its file goes away (the folder removed)
+    (tmp_path / f"{os.getpid()}.json").unlink()
+
+    # Then the counts stay where they were, rather than drop to nothing, and are kept once it exits
+    assert [s.done for s in reports.gather([os.getpid()])[1]] == [7]
+    reports.retire(os.getpid())
+    assert reports.gather([os.getpid()]) == (Snapshot(queue="q", received=7, done=7), [])
+
+
 # -- health ----------------------------------------------------------------------------
 
 
@@ -123,6 +180,26 @@ def test_health_names_the_first_process_in_trouble(member: Member, reason: str) 
     assert "\n" not in said
 
 
+def test_a_process_that_turns_but_cannot_write_is_healthy_and_the_line_says_so() -> None:
+    # Given a process whose last snapshot is 12 s old, but whose file was touched a moment ago (a full disk)
+    now = 1000.0
+    frozen = Member(1, 11, Snapshot(queue="q", connected=True, last_turn=now - 12), seen=now - 0.2)
+
+    ok, reason = judge([Member(0, 10, Snapshot(queue="q", connected=True, last_turn=now - 0.1)), frozen], now)
+
+    # Then it counts as healthy, and the line names it and how old what is known of it is
+    assert ok
+    assert reason == (
+        "ok: 2 worker processes connected and turning; worker process 1 (pid 11) cannot write its metrics "
+        "snapshot: its loop turns, and it was last known connected 12.0s ago"
+    )
+    # But without that sign of life it is stuck, as before
+    assert judge([replace(frozen, seen=now - 12)], now) == (
+        False,
+        "worker process 1 (pid 11) is stuck: its loop last turned 12.0s ago",
+    )
+
+
 # -- serving -------------------------------------------------------------------------------
 
 
@@ -135,6 +212,36 @@ def get(port: int, path: str) -> tuple[int, str]:
         return error.code, error.read().decode()
     except OSError as error:  # not listening yet
         return 0, str(error)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of one scrape, as 'name{label="value",...}' (labels sorted, queue left out) -> value."""
+    status, text = get(port, "/metrics")
+    assert status == 200, text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "queue")
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+def notes(pids: Path, what: str) -> dict[str, int]:
+    """Task -> pid of the 'start' or 'done' lines tests.handlers:record_pid wrote."""
+    if not pids.exists():
+        return {}
+    found = {}
+    for line in pids.read_text().splitlines():
+        kind, text, pid = line.split(" ")
+        if kind == what:
+            found[text] = int(pid)
+    return found
 
 
 def test_the_server_gives_metrics_health_and_nothing_else() -> None:
@@ -292,3 +399,298 @@ def test_worker_processes_get_the_options_given_on_the_command_line() -> None:
 
     assert sorted(args) == sorted(["--burst", "--grace", "5.0", "--quiet", "--queue", "jobs"])
     assert args[args.index("--grace") + 1] == "5.0"
+
+
+# -- the fleet's folder ------------------------------------------------------------------
+
+
+def test_a_sweep_removes_a_folder_once_every_process_of_its_fleet_is_gone(tmp_path: Path) -> None:
+    # Given a live fleet's folder, and one whose parent is gone but whose worker process, which inherited the lock, runs
+    live = Folder.make(tmp_path)
+    orphaned = Folder.make(tmp_path)
+    child = subprocess.Popen(python("import sys; sys.stdin.read()"), stdin=subprocess.PIPE, pass_fds=(orphaned.fd,))
+    os.close(orphaned.fd)
+    # And a folder without a lock file (one being made, or an older kqueue's)
+    unknown = tmp_path / "kqueue-fleet-unknown"
+    unknown.mkdir()
+    try:
+        # When another fleet sweeps, nothing is removed
+        assert sweep(tmp_path) == []
+    finally:
+        child.communicate(timeout=10)  # its standard input closes: it exits
+
+    # Then once that worker process has exited, its folder is removed, and only it
+    assert sweep(tmp_path) == [orphaned.path]
+    assert live.path.exists() and unknown.exists()
+    live.close()
+    assert not live.path.exists()
+
+
+def test_a_removed_folder_is_made_again_with_a_lock_held(tmp_path: Path) -> None:
+    folder = Folder.make(tmp_path)
+    shutil.rmtree(folder.path)
+
+    folder.keep()
+
+    assert (folder.path / Folder.LOCK).exists()
+    assert sweep(tmp_path) == []
+    folder.close()
+
+
+# -- whole fleets, real faults ---------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rpartition(")")[2].split()[:2]
+        except OSError:  # exited meanwhile
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def fleets() -> Iterator[list[Worker]]:
+    """Fleets a test starts; SIGKILLed at the end with their worker processes, if still running."""
+    started: list[Worker] = []
+    yield started
+    for parent in started:
+        if parent.proc.poll() is None:
+            for pid in children(parent.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.stop()
+
+
+def start_fleet(fleets: list[Worker], home: Path, tmpdir: Path, port: int) -> Worker:
+    """``kqueue-work --processes 2 --metrics-port PORT`` on sqlite:// in `home`, with TMPDIR `tmpdir`; once healthy."""
+    parent = Worker(
+        f"sqlite:///{home / 'queues.db'}",
+        "jobs",
+        "--processes",
+        "2",
+        "--metrics-port",
+        str(port),
+        "--handler",
+        "tests.handlers:record_pid",
+        env={"TMPDIR": str(tmpdir), "KQUEUE_TEST_PIDS": str(home / "pids")},
+    )
+    fleets.append(parent)
+    parent.wait_for("consuming", count=2, stream="err")
+    wait_for(lambda: get(port, "/healthz")[0] == 200, 30, "a healthy fleet")
+    return parent
+
+
+def send_all(home: Path, texts: list[str]) -> None:
+    sent = run_send(f"sqlite:///{home / 'queues.db'}", "jobs", "--file", "-", input="".join(f"{t}\n" for t in texts))
+    assert sent.returncode == 0, sent.stderr
+
+
+def done_by(home: Path, texts: list[str]) -> dict[str, int]:
+    """Once every one of `texts` was done: task -> pid of the process that did it."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: set(texts) <= set(done := notes(home / "pids", "done")) and done, 30, f"{len(texts)} tasks done"
+    )
+
+
+def said(parent: Worker, text: str, pid: int) -> int:
+    """Lines of the fleet's standard error from worker process `pid` that contain `text`."""
+    return sum(text in line and f"pid={pid}" in line for line in list(parent.err))
+
+
+def outages(parent: Worker, pid: int) -> tuple[int, int]:
+    """How many times worker process `pid` said it cannot write its snapshot, and that it could again."""
+    return said(parent, "cannot write the metrics snapshot", pid), said(parent, "could write the metrics snapshot", pid)
+
+
+def test_a_fleet_whose_folder_is_removed_works_on_and_reports_again(tmp_path: Path, fleets: list[Worker]) -> None:
+    # Given a healthy fleet of two, which has done a task
+    port = free_port()
+    parent = start_fleet(fleets, tmp_path, tmp_path, port)
+    workers = children(parent.proc.pid)
+    [folder] = tmp_path.glob("kqueue-fleet-*")
+    send_all(tmp_path, ["before"])
+    wait_for(lambda: scrape(port)["kqueue_tasks_done_total"] == 1, 30, "the first task counted")
+    counted = [1.0]
+
+    # When its folder is removed, as rm -rf would, again each time the parent makes it again,
+    # until both worker processes found it gone
+    def removed_under_both() -> bool:
+        shutil.rmtree(folder, ignore_errors=True)
+        counted.append(scrape(port)["kqueue_tasks_done_total"])
+        return all(outages(parent, pid)[0] for pid in workers)
+
+    wait_for(removed_under_both, 30, "both worker processes to find their folder gone")
+
+    # Then tasks sent afterwards are all done, by the same two worker processes: neither was restarted
+    texts = [f"after{i}" for i in range(20)]
+    send_all(tmp_path, texts)
+    assert set(done_by(tmp_path, texts)[text] for text in texts) <= workers
+    assert children(parent.proc.pid) == workers
+    assert not any("starting another" in line for line in parent.err)
+
+    # And the parent made the folder again: the counts rise on from where they were, never back, and /healthz is 200
+    def counted_all() -> bool:
+        counted.append(scrape(port)["kqueue_tasks_done_total"])
+        return counted[-1] == 21
+
+    wait_for(counted_all, 30, "21 tasks counted")
+    assert counted == sorted(counted)
+    wait_for(lambda: get(port, "/healthz") == (200, "ok: 2 worker processes connected and turning\n"), 10, "ok")
+    assert (folder / "owner.lock").exists()
+    # And each worker process said in a line when it could not write, and in another when it could again
+    wait_for(lambda: all(0 < (o := outages(parent, pid))[0] == o[1] for pid in workers), 10, "each outage over")
+
+    # And it stops cleanly, its folder removed
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(30) == 0, parent.transcript()
+    assert not folder.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs of the test's own, to fill; unmounted (lazily, should a process still use it) afterwards.
+
+    Whether it can be had is found out by trying: `mount` needs root (or
+    CAP_SYS_ADMIN, which a container may lack). Not root: skipped. Root, but
+    the mount fails: skipped, except under CI, where it fails the test.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("filling a disk needs a small tmpfs, and mounting one needs root")
+    where = tmp_path / "disk"
+    where.mkdir()
+    try:
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True, text=True, timeout=30
+        )
+        failure = " ".join(mount.stderr.split()) if mount.returncode else ""
+    except OSError as error:  # no mount command
+        failure = str(error)
+    if failure:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"cannot mount a tmpfs as root: {failure}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
+
+
+def fill(fd: int) -> None:
+    """Write to `fd` until its disk is full (ENOSPC)."""
+    while True:
+        try:
+            os.write(fd, bytes(65536))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            return
+
+
+def test_a_fleet_works_on_while_its_disk_is_full_and_reports_again_once_there_is_room(
+    tmp_path: Path, small_disk: Path, fleets: list[Worker]
+) -> None:
+    # Given a healthy fleet of two whose temporary directory is a small disk of its own
+    port = free_port()
+    parent = start_fleet(fleets, tmp_path, small_disk, port)
+    workers = children(parent.proc.pid)
+    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        # When a file fills that disk (topped up with what a worker process frees as it replaces its file),
+        # until both worker processes found it full
+        def full_for_both() -> bool:
+            fill(filler)
+            return all((o := outages(parent, pid))[0] > o[1] for pid in workers)
+
+        wait_for(full_for_both, 30, "both worker processes to find the disk full")
+
+        # Then tasks go on, done by the same two worker processes
+        texts = [f"full{i}" for i in range(10)]
+        send_all(tmp_path, texts)
+        assert set(done_by(tmp_path, texts)[text] for text in texts) <= workers
+
+        # And /healthz stays 200, saying, once their snapshots are old, which processes cannot write them
+        wait_for(lambda: get(port, "/healthz")[1].count("cannot write its metrics snapshot") == 2, STALE_AFTER + 10)
+        status, line = get(port, "/healthz")
+        assert status == 200
+        assert line.startswith("ok: 2 worker processes connected and turning; worker process ")
+    finally:
+        os.close(filler)
+
+    # When the space is freed
+    (small_disk / "filler").unlink()
+
+    # Then the snapshots are written again: /healthz says ok alone, and the scrape counts the tasks done meanwhile
+    wait_for(lambda: get(port, "/healthz") == (200, "ok: 2 worker processes connected and turning\n"), 10, "ok")
+    wait_for(lambda: scrape(port)["kqueue_tasks_done_total"] == 10, 10, "10 tasks counted")
+    # And each worker process said once that it could not write, and once that it could again; none was restarted
+    wait_for(lambda: all(outages(parent, pid)[1] for pid in workers), 10, "writing again")
+    assert [outages(parent, pid) for pid in workers] == [(1, 1), (1, 1)]
+    assert children(parent.proc.pid) == workers
+    assert not any("starting another" in line for line in parent.err)
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(30) == 0, parent.transcript()
+
+
+def test_the_next_fleet_removes_the_folder_a_sigkilled_one_left_and_no_other(
+    tmp_path: Path, fleets: list[Worker]
+) -> None:
+    # Given a running fleet, and one whose parent and worker processes were all SIGKILLed, which left its folder behind
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    running = start_fleet(fleets, tmp_path, tmpdir, free_port())
+    [kept] = tmpdir.glob("kqueue-fleet-*")
+    killed = start_fleet(fleets, tmp_path, tmpdir, free_port())
+    [stale] = set(tmpdir.glob("kqueue-fleet-*")) - {kept}
+    doomed = [killed.proc.pid, *children(killed.proc.pid)]
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in doomed), 10, "the killed fleet gone")
+    assert stale.exists()
+
+    # When the next fleet starts there
+    following = start_fleet(fleets, tmp_path, tmpdir, free_port())
+
+    # Then the stale folder is gone, said in a line; the running fleet's folder and the new one's are there
+    [own] = set(tmpdir.glob("kqueue-fleet-*")) - {kept}
+    assert own != stale
+    assert (kept / "owner.lock").exists() and (own / "owner.lock").exists()
+    assert any(f"removed {stale}, left by a fleet whose processes are all gone" in line for line in following.err)
+    # And both stop cleanly, removing their own
+    for parent in (running, following):
+        parent.signal(signal.SIGTERM)
+        assert parent.wait(30) == 0, parent.transcript()
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_a_sigkilled_parents_folder_stays_while_its_worker_processes_finish_and_goes_after(
+    tmp_path: Path, fleets: list[Worker]
+) -> None:
+    # Given a fleet, one of whose worker processes runs a task of two seconds
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    parent = start_fleet(fleets, tmp_path, tmpdir, free_port())
+    [folder] = tmpdir.glob("kqueue-fleet-*")
+    orphans = children(parent.proc.pid)
+    long = "long" + "." * 20
+    send_all(tmp_path, [long])
+    wait_for(lambda: long in notes(tmp_path / "pids", "start"), 30, "the long task to start")
+
+    # When only the parent is SIGKILLed
+    parent.proc.kill()
+    parent.proc.wait(10)
+
+    # Then while its worker processes finish their tasks (they hold the folder's lock), a sweep leaves it alone
+    assert sweep(tmpdir) == []
+    # And once they have exited, the next sweep removes it
+    wait_for(lambda: not any(alive(pid) for pid in orphans), 30, "the worker processes to finish and exit")
+    assert long in notes(tmp_path / "pids", "done")
+    assert sweep(tmpdir) == [folder]

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,15 +181,22 @@ def _run_fleet(processes: int, port: int | None, queue: str, *, default_broker: 
     # environment passes the others on, less what makes this the parent.
     env = {key: value for key, value in os.environ.items() if key not in ("KQUEUE_PROCESSES", "KQUEUE_METRICS_PORT")}
     with ExitStack() as stack:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kqueue-fleet-"))) if port else None
-        reports = metrics.Reports(folder, queue) if folder is not None else None
-        extra = ["--fleet-dir", str(folder)] if folder is not None else []
+        folder = fleet.Folder.make() if port else None
+        if folder is not None:
+            stack.callback(folder.close)
+        reports = metrics.Reports(folder.path, queue) if folder is not None else None
+        extra = ["--fleet-dir", str(folder.path)] if folder is not None else []
 
         def command(index: int) -> list[str]:
             return fleet.child_command([*args, "--fleet-index", str(index), *extra])
 
         parent = fleet.Fleet(
-            command, processes, finite=finite, env=env, on_exit=reports.retire if reports else lambda pid: None
+            command,
+            processes,
+            finite=finite,
+            env=env,
+            on_exit=reports.retire if reports else lambda pid: None,
+            folder=folder,
         )
         if port is not None and reports is not None:
             stack.callback(fleet.serve_fleet(port, parent, reports).close)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kqueue.queues import QueueType, task_queue
 
 from ..conftest import delete_queues, unique, wait_for
-from ..test_fleet import get
+from ..test_fleet import free_port, get, notes, scrape
 from . import rabbit
 from .procs import Worker, ready, run_send
 
@@ -27,24 +25,6 @@ def queue_name(amqp_url: str) -> Iterator[str]:
     name = unique("fleet")
     yield name
     delete_queues(amqp_url, name, f"{name}.dead")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The samples of one scrape, as 'name{label="value",...}' (labels sorted, queue left out) -> value."""
-    status, text = get(port, "/metrics")
-    assert status == 200, text
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "queue")
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
 
 
 def fleet(workers: list[Worker], url: str, queue: str, processes: int, *args: str, pids: Path) -> Worker:
@@ -62,18 +42,6 @@ def fleet(workers: list[Worker], url: str, queue: str, processes: int, *args: st
     workers.append(worker)
     worker.wait_for("consuming", count=processes, stream="err")
     return worker
-
-
-def notes(pids: Path, what: str) -> dict[str, int]:
-    """Task -> pid of the 'start' or 'done' lines record_pid wrote."""
-    if not pids.exists():
-        return {}
-    found = {}
-    for line in pids.read_text().splitlines():
-        kind, text, pid = line.split(" ")
-        if kind == what:
-            found[text] = int(pid)
-    return found
 
 
 def send(url: str, queue: str, *texts: str) -> None:
