@@ -31,8 +31,8 @@ FILE_CHECK = 0.5
 TURN_TIMEOUT = 2.0
 #: A consumer's acks written together at most; fewer are written with its next fetch or before it waits.
 ACK_BATCH = 100
-#: Free pages (of 4 KiB) above which an idle consumer gives the space of deleted rows back to the disk.
-VACUUM_PAGES = 1024
+#: Free pages (of 4 KiB: 1 MiB in all) from which an idle consumer gives the space of deleted rows back to the disk.
+VACUUM_PAGES = 256
 #: Rows a statement names by id at most (SQLite's limit on parameters is far above).
 CHUNK = 500
 
@@ -311,10 +311,13 @@ class Store:
             return
         try:
             self.reap()
-            if self.query("PRAGMA freelist_count")[0][0] >= VACUUM_PAGES:
-                self.vacuum()
+            self._give_space_back()
         except StoreUnavailable as exc:
             self._episode.failed(exc, self._waiting())
+
+    def _give_space_back(self) -> None:
+        if self.query("PRAGMA freelist_count")[0][0] >= VACUUM_PAGES:
+            self.vacuum()
 
     def vacuum(self) -> None:
         """Give the pages of deleted rows back to the disk."""
@@ -416,6 +419,7 @@ class Store:
             self._written()
             if given:
                 self.wakeups.notify()
+            self._give_space_back()
             return
 
 
