@@ -6,7 +6,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu import Connection, Queue
@@ -54,10 +54,12 @@ class Outgoing:
     content_type: str = "text/plain"
     content_encoding: str = "utf-8"
     headers: Mapping[str, Any] | None = None
+    #: The caller's own number for it (a line of a file), never sent: see `Sender.pending`.
+    seq: int = field(default=0, compare=False)
 
     @classmethod
-    def task(cls, text: str, queue: Queue) -> Outgoing:
-        return cls(text.encode("utf-8"), queue.name)
+    def task(cls, text: str, queue: Queue, seq: int = 0) -> Outgoing:
+        return cls(text.encode("utf-8"), queue.name, seq=seq)
 
 
 class Sender:
@@ -115,6 +117,8 @@ class Sender:
         self._settled: list[Outgoing] = []
         #: Why the broker blocked this connection (a resource alarm), while it does.
         self.blocked: str | None = None
+        # The broker let a confirm wait past `confirm_timeout`: it may answer nothing more.
+        self._unanswered = False
 
     def __enter__(self) -> Sender:
         return self
@@ -125,11 +129,12 @@ class Sender:
     def close(self) -> None:
         """Close the sender's channel; the connection stays the caller's.
 
-        A connection the broker blocks is closed outright instead: the broker
-        reads nothing from it, so a polite close would wait for ever.
+        A connection the broker blocks, or that let confirms wait past
+        `confirm_timeout`, is closed outright instead: the broker (or a frozen
+        network) reads nothing from it, so a polite close would wait for ever.
         """
         channel, self._channel = self._channel, None
-        if self.blocked is not None:
+        if self.blocked is not None or self._unanswered:
             self.connection.collect()
             return
         if channel is not None:
@@ -167,10 +172,23 @@ class Sender:
         settled, self._settled = self._settled, []
         return settled
 
+    def pending(self) -> list[Outgoing]:
+        """The messages published and not confirmed yet: in flight, refused, or waiting to go out again."""
+        return [*self._unconfirmed.values(), *self._refused.messages, *self._resend]
+
     @property
     def unconfirmed(self) -> int:
         """Messages published and not yet confirmed, including those the broker refused, to be sent again."""
-        return len(self._unconfirmed) + len(self._refused.messages) + len(self._resend)
+        return self._in_flight + len(self._resend)
+
+    @property
+    def _in_flight(self) -> int:
+        """Messages sent and not yet confirmed, refused ones included: what the window bounds and confirms settle.
+
+        Not those still waiting in `_resend`: no confirm can come for a message
+        not sent again yet, so waiting for theirs would wait out the timeout.
+        """
+        return len(self._unconfirmed) + len(self._refused.messages)
 
     def send(self, text: str) -> None:
         """Send one task and wait for the broker's confirm.
@@ -228,7 +246,10 @@ class Sender:
         self._unconfirmed[tag] = message
         self._next_tag += 1
         self._declare(message.routing_key)
+        before = self.confirmed
         self._send(message)
+        if self.confirmed != before and on_confirmed is not None:
+            on_confirmed(self.confirmed)  # sqlite:// confirms as it commits, inside the publish
         if not self._confirms:
             # A publish that returned is as confirmed as this transport gets.
             del self._unconfirmed[tag]
@@ -237,7 +258,7 @@ class Sender:
                 self._settled.append(message)
             if on_confirmed is not None:
                 on_confirmed(self.confirmed)
-        elif self.unconfirmed >= self.window:
+        elif self._in_flight >= self.window:
             self._await_confirms(self.window // 2, on_confirmed)
         elif not tag % CONFIRM_POLL and self._amqp and has_arrived(self.connection):
             # Collect the confirms that are in already, so the window seldom fills
@@ -264,12 +285,13 @@ class Sender:
         )
 
     def _await_confirms(self, at_most: int, on_confirmed: Callable[[int], None] | None) -> None:
-        """Drain the connection until no more than `at_most` messages are unconfirmed."""
+        """Drain the connection until no more than `at_most` messages sent are unconfirmed."""
         deadline = time.monotonic() + self.confirm_timeout
-        while self.unconfirmed > at_most:
+        while self._in_flight > at_most:
             before = self.confirmed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._unanswered = True
                 why = f" (it blocked this connection: {self.blocked})" if self.blocked else ""
                 raise PublishFailed(
                     f"broker {self._where} did not confirm {self.unconfirmed} messages "
@@ -470,7 +492,12 @@ class Sender:
             self._next_tag += 1
         lost = self._where
         try:
-            self.connection.close()
+            if self._amqp:
+                # Dropped, not closed: a polite close waits for the broker's reply, and a broker
+                # that missed its heartbeats (a frozen network) never sends one.
+                self.connection.collect()
+            else:
+                self.connection.close()
         except Exception:  # noqa: BLE001 - the connection is already broken
             pass
         first = self._losses.begin(self.confirmed, self.reconnect_for)

@@ -168,7 +168,13 @@ class Worker(ConsumerMixin, Hooks):
         self._conn = conn  # what `_where` names from now on: the node tried, then the one connected
         with conn:
             conn.ensure_connection(self.on_connection_error, self.connect_max_retries, callback=self._check_stop)
-            yield conn
+            try:
+                yield conn
+            except conn.connection_errors:
+                # A lost connection is dropped, not closed: a polite close waits for the broker's
+                # reply, and a broker that missed its heartbeats (a frozen network) never sends one.
+                conn.collect()
+                raise
 
     def _check_stop(self) -> None:
         if self._stop_seen():

@@ -58,12 +58,23 @@ class Run:
         self.senders.clear()
         return batches
 
+    def sending(self) -> int:
+        """How many senders still run; record what each of the others said."""
+        running = []
+        for batch, proc in self.senders:
+            if proc.poll() is None:
+                running.append((batch, proc))
+            else:
+                batch.out, batch.err = proc.communicate()
+                batch.code = proc.returncode
+        self.senders = running
+        return len(running)
+
     def wait_done(self, timeout: float = 60) -> None:
         """Wait until every confirmed task of every batch is done."""
         deadline = time.monotonic() + timeout
         while True:
-            done = self.history.done()
-            missing = [t for b in self.history.batches for t in b.ids[: b.confirmed] if t not in done]
+            missing = self.history.missing()
             if not missing:
                 return
             if time.monotonic() > deadline:
@@ -76,7 +87,15 @@ class Run:
         worker.kill()
 
     def stop(self) -> None:
-        """Stop every worker with SIGTERM (gentle: they finish or give back), and read their logs."""
+        """Stop every worker with SIGTERM (gentle: they finish or give back), and read their logs.
+
+        A sender still running (a test that failed half-way) is killed, so that nothing outlives the test.
+        """
+        for _, proc in self.senders:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        self.senders.clear()
         for worker in self.workers:
             if worker.proc.poll() is None:
                 worker.signal(signal.SIGTERM)
@@ -114,17 +133,25 @@ class SmallDisk:
         self.filler = where / ".filler"
 
     def __enter__(self) -> SmallDisk:
+        why = self.mount()
+        if why:
+            pytest.skip(why)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unmount()
+
+    def mount(self) -> str:
+        """Mount the tmpfs; why it could not be, or '' once it is (only root can mount)."""
         if os.geteuid() != 0:
-            pytest.skip("a full disk needs a tmpfs, which only root can mount")
+            return "a full disk needs a tmpfs, which only root can mount"
         self.path.mkdir(parents=True, exist_ok=True)
         mounted = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)], capture_output=True, text=True
         )
-        if mounted.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-        return self
+        return f"cannot mount a tmpfs here: {mounted.stderr.strip()}" if mounted.returncode else ""
 
-    def __exit__(self, *exc_info: object) -> None:
+    def unmount(self) -> None:
         subprocess.run(["umount", "-l", str(self.path)], check=False)
 
     def fill(self) -> None:
