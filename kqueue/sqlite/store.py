@@ -235,10 +235,11 @@ class Store:
 
     def _written(self) -> None:
         """The pending acks and give-backs are committed."""
-        acked, returned = len(self._acked), len(self._returned)
+        returned = bool(self._returned)
+        if self._episode.active:  # the hot path pays for no message
+            self._episode.ended(f"{len(self._acked)} acks and {len(self._returned)} give-backs that waited are written")
         self._acked.clear()
         self._returned.clear()
-        self._episode.ended(f"{acked} acks and {returned} give-backs that waited are written")
         if returned:
             self.wakeups.notify()
 
@@ -354,9 +355,6 @@ class Store:
         self.ensure_owner()
         assert self.owner is not None
         return self.owner.wake
-
-    def notify(self) -> None:
-        self.wakeups.notify()
 
     def poke(self) -> None:
         """Wake this connection's own waiter: an ack on another thread freed a prefetch slot."""

@@ -234,7 +234,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
     # -- queues ------------------------------------------------------------------------
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.store.write("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+        # A read first: declaring a queue that exists takes no write lock, so it never waits on a writer.
+        if not self.store.query("SELECT 1 FROM queues WHERE name = ?", (queue,)):
+            self.store.write("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return bool(
