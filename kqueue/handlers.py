@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 
@@ -38,7 +39,7 @@ def load_handler(path: str) -> Handler:
     try:
         target: object = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise KQueueError(f"handler module {module_name!r} does not import: {exc}") from None
+        raise KQueueError(f"handler module {module_name!r} does not import: {_where_it_failed(exc)}") from None
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -47,3 +48,12 @@ def load_handler(path: str) -> Handler:
     if not callable(target):
         raise KQueueError(f"handler {path!r} is not callable")
     return target  # type: ignore[return-value]
+
+
+def _where_it_failed(exc: BaseException) -> str:
+    """``KeyError: 'missing' (at app/tasks.py, line 3)``: the error and the user's line that raised it."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith("<frozen")]
+    where = f" (at {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" (at {exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -8,15 +8,22 @@ from typing import Any
 import click
 
 from kqueue import __version__
-from kqueue.cli.common import CONTEXT, Group, broker_options, connect_queue
+from kqueue.cli.common import CONTEXT, Group, broker_options, connect_queue, from_group, group_options, plural
 from kqueue.logs import configure
 from kqueue.queues import declare
 
 
-@click.group("kqueue", cls=Group, context_settings=CONTEXT)
+@click.group("kqueue", cls=Group, context_settings=CONTEXT, invoke_without_command=True, no_args_is_help=False)
 @click.version_option(__version__, "--version", prog_name="kqueue")
-def admin_main() -> None:
-    """Inspect and look after kqueue's queues."""
+@group_options
+@click.pass_context
+def admin_main(ctx: click.Context, /, **shared: Any) -> None:
+    """Inspect and look after kqueue's queues.
+
+    The broker options may come before the command (kqueue --broker URL stat) or after it.
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @admin_main.command("stat")
@@ -46,9 +53,10 @@ def stat_command(
 
 
 def _admin_connect(broker_url: str | None, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
-    """What every admin command starts with: quiet logs unless -v, then connect and declare."""
-    configure(logging.DEBUG if verbose else logging.WARNING)
-    return connect_queue(broker_url, queue_name, queue_type)
+    """What every admin command starts with: the group's options, quiet logs unless -v, then connect and declare."""
+    given = from_group(broker_url=broker_url, queue_name=queue_name, queue_type=queue_type, verbose=verbose)
+    configure(logging.DEBUG if given["verbose"] else logging.WARNING)
+    return connect_queue(given["broker_url"], given["queue_name"], given["queue_type"])
 
 
 def _count(value: int | None) -> str:
@@ -57,7 +65,7 @@ def _count(value: int | None) -> str:
 
 @admin_main.group("dead")
 def dead_group() -> None:
-    """The tasks that went to <queue>.dead: failed too often, undecodable, or delivered too often."""
+    """The tasks in the queue's dead letters (QUEUE.dead): failed or delivered too often, or undecodable."""
 
 
 @dead_group.command("list")
@@ -74,7 +82,7 @@ def dead_list_command(
         letters = dead_letters(conn, queue, limit)
     for letter in letters:
         click.echo(f"{letter.text!r}  reason={letter.reason} attempts={letter.attempts} error={letter.error}")
-    click.echo(f"{len(letters)} dead letters in {queue.name}.dead")
+    click.echo(f"{plural(len(letters), 'dead letter')} in {queue.name}.dead")
 
 
 @dead_group.command("retry")
@@ -89,7 +97,7 @@ def dead_retry_command(
     conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         moved = retry_dead(conn, queue, limit)
-    click.echo(f"moved {moved} dead letters back to {queue.name}")
+    click.echo(f"moved {plural(moved, 'dead letter')} back to {queue.name}")
 
 
 @admin_main.command("purge")
@@ -110,4 +118,4 @@ def purge_command(
         target = dead_letter_queue(queue) if dead else queue
         declare(conn, target)
         count = purge(conn, target)
-    click.echo(f"purged {count} messages from {target.name}")
+    click.echo(f"purged {plural(count, 'message')} from {target.name}")

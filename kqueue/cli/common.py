@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from kqueue import __version__
 from kqueue.brokers import connect, open_connection
@@ -62,8 +63,34 @@ class Group(click.Group):
 
 
 def broker_options(func: F) -> F:
-    """The options every tool shares: broker, queue, queue type, logging."""
-    decorators = [
+    """The options every tool shares: broker, queue, queue type, logging; and --version."""
+    return _apply([*_shared(), click.version_option(__version__, "--version", prog_name="kqueue")], func)
+
+
+def group_options(func: F) -> F:
+    """The shared options on ``kqueue`` itself, before its subcommand: each subcommand reads them (`from_group`)."""
+    return _apply(_shared(), func)
+
+
+def from_group(**values: Any) -> dict[str, Any]:
+    """A subcommand's shared options, each the group's where it was given there and not after the subcommand."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    for name in values:
+        given_here = ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        if not given_here and root.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            values[name] = root.params[name]
+    return values
+
+
+def _apply(decorators: list[Callable[[Any], Any]], func: F) -> F:
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def _shared() -> list[Callable[[Any], Any]]:
+    return [
         click.option(
             "--broker",
             "broker_url",
@@ -94,16 +121,44 @@ def broker_options(func: F) -> F:
             help="RabbitMQ queue type (env KQUEUE_QUEUE_TYPE); must match an existing queue.",
         ),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
-        click.version_option(__version__, "--version", prog_name="kqueue"),
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
 
 
 #: The tools refuse memory://, whose queues die with the process. Tests that run
 #: the tools in-process (click's CliRunner) lift this.
 REFUSE_MEMORY = True
+
+
+#: Characters of a task shown on the tools' ``Received`` and ``Sent`` lines; the rest is counted, not shown.
+SHOWN = 200
+
+
+def shown(text: str) -> str:
+    """A task as the tools print it: quoted, and cut short past `SHOWN` characters, as RabbitMQ's tools do."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}... ({len(text):,} characters)"
+
+
+def plural(count: int, word: str) -> str:
+    """``1 message``, ``2 messages``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _local_url(url: str) -> str:
+    """A ``sqlite://`` URL with its file made absolute, so that every process and every line names the same file.
+
+    Raises:
+        click.UsageError: the URL names an in-memory database, which no other process can share.
+    """
+    from kqueue.sqlite.options import path_of
+
+    try:
+        path = path_of(url.split("?", 1)[0])
+    except KQueueError as exc:
+        raise click.UsageError(str(exc)) from None
+    query = url.partition("?")[2]
+    return f"sqlite:///{path}" + (f"?{query}" if query else "")
 
 
 def default_broker_url() -> str:
@@ -124,15 +179,20 @@ def connect_queue(
     if not queue_name.strip():
         raise click.UsageError("--queue must not be empty")
     url = broker_url or default_broker_url()
-    if REFUSE_MEMORY and url.split("://", 1)[0] == "memory":
+    scheme = url.split("://", 1)[0]
+    if REFUSE_MEMORY and scheme == "memory":
         raise click.UsageError(
             "memory:// lives inside one process: a message sent to it is gone when the process exits; "
             "use it from Python (kqueue.testing), and sqlite://, amqp:// or redis:// from the command line"
         )
+    if scheme == "sqlite":
+        url = _local_url(url)
     conn = open_connection(connect(url, heartbeat=heartbeat))
     queue = task_queue(queue_name, QueueType(queue_type))
     declare(conn, queue)
+    prog = click.get_current_context().find_root().info_name
     if broker_url is None:
-        prog = click.get_current_context().find_root().info_name
         click.echo(f"{prog}: broker {url} (the default; --broker or KQUEUE_BROKER_URL for another)", err=True)
+    elif url != broker_url:
+        click.echo(f"{prog}: broker {url} (the file {broker_url!r} names from this folder)", err=True)
     return conn, queue

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import click
 
-from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue
+from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, plural, shown
 from kqueue.errors import KQueueError, PublishFailed
 from kqueue.logs import configure
+
+_BOM = "\ufeff"
 
 
 @click.command("kqueue-send", cls=Command, context_settings=CONTEXT)
@@ -19,9 +21,17 @@ from kqueue.logs import configure
 @click.option(
     "--file",
     "path",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("rb"),
     metavar="PATH",
-    help="Send one message per line of PATH ('-' for standard input); blank lines are skipped.",
+    help="Send one message per line of PATH ('-' for standard input), UTF-8; blank lines are skipped.",
+)
+@click.option(
+    "--skip",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="With --file: leave out its first N messages (blank lines do not count), sent already by a run "
+    "that stopped half-way, as its last line says.",
 )
 @click.option(
     "--retry-for",
@@ -42,7 +52,8 @@ from kqueue.logs import configure
 @broker_options
 def send_main(
     words: tuple[str, ...],
-    path: Any,
+    path: IO[bytes] | None,
+    skip: int,
     retry_for: float,
     confirm_timeout: float,
     broker_url: str | None,
@@ -59,26 +70,89 @@ def send_main(
     configure(logging.DEBUG if verbose else logging.WARNING)
     if path is not None and words:
         raise click.UsageError("give either WORDS or --file, not both")
+    if skip and path is None:
+        raise click.UsageError("--skip goes with --file")
+    texts = _read(path, skip) if path is not None else [_text(words)]
     conn, queue = connect_queue(broker_url, queue_name, queue_type)
     with conn, Sender(conn, queue, reconnect_for=retry_for, confirm_timeout=confirm_timeout) as sender:
         if path is None:
-            message = " ".join(words) or "Hello World!"
             try:
-                sender.send(message)
+                sender.send(texts[0])
             except PublishFailed as exc:
-                raise KQueueError(f"{exc}: {message!r} was not confirmed") from None
-            click.echo(f" [x] Sent {message!r}")
+                raise KQueueError(f"{exc}: {shown(texts[0])} was not confirmed") from None
+            click.echo(f" [x] Sent {shown(texts[0])}")
             return
-        lines = [line.rstrip("\r\n") for line in path]
-        texts = [line for line in lines if line.strip()]
+        _send_file(sender, queue, texts, skip)
+
+
+def _text(words: tuple[str, ...]) -> str:
+    """The task the WORDS make; a word that is not UTF-8 (the shell passed other bytes) is bad usage."""
+    for number, word in enumerate(words, 1):
         try:
-            with _progress(len(texts)) as progress:
-                sent = sender.send_many(texts, on_confirmed=progress)
-        except PublishFailed as exc:
-            raise KQueueError(f"{exc}; confirmed {exc.confirmed} of {len(texts)} messages") from None
-        if sent != len(texts):  # never: every message is confirmed, or PublishFailed says how many were
-            raise KQueueError(f"the broker confirmed {sent} of {len(texts)} messages")
-        click.echo(f" [x] Sent {sent} messages to {queue.name!r}")
+            word.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            byte = word[exc.start].encode("utf-8", "surrogateescape")
+            raise click.UsageError(
+                f"word {number} is not UTF-8 (byte {byte!r}): tasks are sent as UTF-8 text"
+            ) from None
+    return " ".join(words) or "Hello World!"
+
+
+def _read(source: IO[bytes], skip: int) -> list[str]:
+    """The non-blank lines of `source`, all of them read and decoded before anything is sent, less the first `skip`."""
+    name = getattr(source, "name", "-")
+    name = "standard input" if name in ("<stdin>", "-") else name
+    texts = []
+    for number, raw in enumerate(source, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start : exc.start + 1]
+            raise KQueueError(
+                f"{name}: line {number} is not UTF-8 (byte {exc.start + 1} of the line is {bad!r}): nothing was sent"
+            ) from None
+        if number == 1:
+            line = line.removeprefix(_BOM)
+        line = line.rstrip("\r\n")
+        if line.strip():
+            texts.append(line)
+    if skip > len(texts):
+        raise click.UsageError(f"--skip {skip}, but {name} has only {plural(len(texts), 'message')}")
+    return texts[skip:]
+
+
+def _send_file(sender: Any, queue: Any, texts: list[str], skip: int) -> None:
+    """Send every line; stopped half-way (Ctrl+C, the broker gone), say how many were confirmed and how to resume."""
+    from kqueue.producer import Outgoing
+
+    went = [0]  # messages the sender has taken in (published, or on their way again)
+
+    def messages() -> Iterator[Outgoing]:
+        for seq, text in enumerate(texts):
+            yield Outgoing.task(text, queue, seq)
+            went[0] = seq + 1  # runs once the sender asks for the next: this one is in its book
+
+    try:
+        with _progress(len(texts)) as progress:
+            sent = sender.publish(messages(), on_confirmed=progress)
+    except (PublishFailed, KeyboardInterrupt) as exc:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        _stopped(why, sender, len(texts), skip, went[0], code)
+    if sent != len(texts):  # never: every message is confirmed, or PublishFailed says how many were
+        raise KQueueError(f"the broker confirmed {sent} of {plural(len(texts), 'message')}")
+    click.echo(f" [x] Sent {plural(sent, 'message')} to {queue.name!r}")
+
+
+def _stopped(why: str, sender: Any, total: int, skip: int, went: int, code: int) -> None:
+    """One line: how many were confirmed, and the --skip that sends the rest and nothing confirmed twice over."""
+    first_in_doubt = min((message.seq for message in sender.pending()), default=went)
+    resume = skip + first_in_doubt
+    hint = (
+        f"; the first {resume} are all confirmed: send the rest with --skip {resume}" if resume < skip + total else ""
+    )
+    click.echo(f"kqueue-send: error: {why}; confirmed {sender.confirmed} of {plural(total, 'message')}{hint}", err=True)
+    sys.exit(code)
 
 
 class _progress:

@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from kqueue.brokers import DEFAULT_HEARTBEAT
-from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, default_broker_url
+from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, default_broker_url, plural, shown
 from kqueue.errors import KQueueError
 from kqueue.handlers import Handler, dot_handler, load_handler
 from kqueue.logs import configure
@@ -100,7 +100,13 @@ if TYPE_CHECKING:
 # Set by the parent of a fleet on each of its worker processes.
 @click.option("--fleet-index", type=click.IntRange(min=0), default=None, hidden=True)
 @click.option("--fleet-dir", type=click.Path(file_okay=False, path_type=Path), default=None, hidden=True)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="One log line per event on standard error: text, or a JSON object with the same fields.",
+)
 @click.option(
     "-q",
     "--quiet",
@@ -149,6 +155,12 @@ def work_main(
         with _stop_on_signals(worker):
             worker.run()
         worker.close()
+    unfinished = worker.dispatcher.requeued_unfinished
+    if unfinished and worker.lifecycle.aborted:
+        # A second signal cut tasks short: say so in the exit status, as an interrupted command does
+        # (128 + SIGINT). A grace that ran out is the stop asked for, and exits 0.
+        click.echo(f"kqueue-work: stopped at once: {plural(unfinished, 'task')} given back unfinished", err=True)
+        sys.exit(130)
 
 
 def _metered(
@@ -252,7 +264,7 @@ def _console_worker(base: type) -> type:
         """Prints the tutorial's lines as each task starts and ends."""
 
         def on_task_start(self, task: Any) -> None:
-            _say(f" [x] Received {task.text!r}")
+            _say(f" [x] Received {shown(task.text)}")
 
         def on_task_done(self, task: Any) -> None:
             if task.error is None:

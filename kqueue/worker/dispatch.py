@@ -58,6 +58,8 @@ class Dispatcher:
         self.lifecycle = lifecycle
         self.queue, self.dead_queue = queues
         self.tasks_acked = 0
+        #: Tasks whose handler was still running when the worker gave them back (a hard stop, the grace ran out).
+        self.requeued_unfinished = 0
         self.inflight: dict[int, Task] = {}  # handed to a handler thread, not yet settled
         self.held = HeldRetries()
         self.ledger = Ledger(coalesce=False, early=False, io=threading.Lock())
@@ -164,6 +166,7 @@ class Dispatcher:
             "task failed; retrying in %.1fs",
             decision.delay,
             extra=task.facts(queue=self.queue.name, error=decision.error, duration=f"{task.duration:.3f}"),
+            exc_info=_traceback(task.error),
         )
         self._republish(task, self.queue.name, decision.changes)
         self._owner.on_retry(task, decision.delay)
@@ -176,6 +179,7 @@ class Dispatcher:
             extra=fields(
                 queue=self.queue.name, delivery_tag=task.delivery_tag, reason=decision.reason, attempt=decision.attempt
             ),
+            exc_info=_traceback(task.error),
         )
         self._republish(task, self.dead_queue.name, decision.changes(self.queue.name))
         self._owner.on_dead_letter(task, decision.reason)
@@ -231,6 +235,7 @@ class Dispatcher:
         """Give back every message still held: a hard stop, the grace ran out, or the work is done."""
         for task in list(self.inflight.values()):
             if task.cancel() is not TaskState.QUEUED and not task.acked:
+                self.requeued_unfinished += 1
                 log.warning("task requeued unfinished", extra=task.facts(queue=self.queue.name))
         copies = self._outbox.waiting if self._outbox is not None else []
         for task in [*self.inflight.values(), *self.held.take_all(), *copies]:
@@ -256,3 +261,8 @@ class Dispatcher:
         outbox, self._outbox = self._outbox, None
         if outbox is not None:
             outbox.close()
+
+
+def _traceback(error: BaseException | None) -> BaseException | None:
+    """A handler's error with its traceback, for the log line that says it failed, at debug level (``-v``) only."""
+    return error if error is not None and log.isEnabledFor(logging.DEBUG) else None

@@ -68,6 +68,11 @@ class Lifecycle:
         return self.phase is not Phase.RUNNING
 
     @property
+    def aborted(self) -> bool:
+        """Whether a stop without the grace (a second signal) was acted on."""
+        return self.phase is Phase.ABORTING
+
+    @property
     def quota_reached(self) -> bool:
         limit = self.settings.max_tasks
         return limit is not None and self.started >= limit
