@@ -6,8 +6,8 @@ import subprocess
 import sys
 import tarfile
 
-CARRIED = ("kqueue/", "tests/", "benchmarks/")
-TOP = {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "docker-compose.yml", "MANIFEST.in"}
+CARRIED = ("kqueue/", "tests/", "benchmarks/", "docs/")
+TOP = {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "docker-compose.yml", "MANIFEST.in", "mkdocs.yml"}
 
 
 def main(path: str) -> int:

@@ -37,7 +37,14 @@ _KQUEUE_HEADERS = (
 
 @dataclass(frozen=True)
 class QueueStats:
-    """What a queue holds. None where the broker cannot tell."""
+    """What a queue holds, as `kqueue stat` prints it. None where the broker cannot tell.
+
+    Attributes:
+        name: the queue's name.
+        ready: messages waiting to be handed out.
+        unacked: messages handed to consumers and not yet acknowledged.
+        consumers: consumers of the queue.
+    """
 
     name: str
     ready: int
@@ -47,6 +54,16 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """One dead letter, as `kqueue dead list` prints it.
+
+    Attributes:
+        text: the task's text (the repr of its bytes when it does not decode).
+        reason: why it died: ``failed``, ``undecodable`` or ``delivery-limit`` (``?`` if unknown).
+        error: the last error, ``Type: message``.
+        attempts: the runs of its handler.
+        origin: the queue it came from.
+    """
+
     text: str
     reason: str
     error: str
@@ -161,7 +178,7 @@ def _drain(conn: Connection, queue: Queue, limit: int | None) -> Iterator[Messag
 
 
 def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> list[DeadLetter]:
-    """The dead letters of `queue`, oldest first; they stay where they are."""
+    """The dead letters of `queue`, oldest first, at most `limit`; they stay where they are."""
     found: list[DeadLetter] = []
     held: list[Message] = []
     try:
@@ -190,9 +207,18 @@ def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> li
 def retry_dead(
     conn: Connection, queue: Queue, limit: int | None = None, on_moved: Callable[[int], None] | None = None
 ) -> int:
-    """Move dead letters back to the queue they came from, each confirmed before it leaves.
+    """Move dead letters back to the queue they came from, each confirmed before it leaves; return how many.
 
     They start afresh: kqueue's attempt and delivery counts are dropped.
+
+    Parameters:
+        conn: the broker.
+        queue: the task queue whose ``<name>.dead`` is emptied.
+        limit: move at most this many; None for all.
+        on_moved: called with the count so far after each one moved.
+
+    Raises:
+        KQueueError: a dead letter came from another queue (it stays where it was).
     """
     moved = 0
     with Sender(conn, queue, reconnect_for=0) as sender:
@@ -210,7 +236,13 @@ def retry_dead(
 
 
 def purge(conn: Connection, queue: Queue) -> int:
-    """Delete every ready message of `queue`; return how many."""
+    """Delete every ready message of `queue`; return how many.
+
+    Messages handed to consumers and not yet acknowledged are not ready, and stay.
+
+    Raises:
+        KQueueError: the broker refused the purge.
+    """
     try:
         return int(queue(conn.default_channel).purge() or 0)
     except conn.channel_errors as exc:

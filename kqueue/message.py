@@ -24,30 +24,33 @@ __all__ = [
     "decode_task",
 ]
 
-#: Content types a worker accepts: the tutorial's text, bodies from plain AMQP
-#: clients (no content type, which Kombu calls ``application/data``) and JSON.
-#: Never pickle.
 ACCEPT = ["text/plain", "application/data", "application/json"]
+"""Content types a worker accepts: the tutorial's text, bodies from plain AMQP
+clients (no content type, which Kombu calls ``application/data``) and JSON.
+Never pickle."""
 
-#: Which run of the handler this is: 1 for the first, 2 for the first retry...
 ATTEMPT = "x-kqueue-attempt"
-#: How many times the task was delivered before this copy of it was published,
-#: counted by kqueue where the queue does not count (quorum queues send
-#: ``x-delivery-count``, the deliveries of this very message before this one).
+"""Which run of the handler this is: 1 for the first, 2 for the first retry..."""
 DELIVERIES = "x-kqueue-deliveries"
-#: The copy stands for a redelivered message (a republished copy is not).
+"""How many times the task was delivered before this copy of it was published,
+counted by kqueue where the queue does not count (quorum queues send
+``x-delivery-count``, the deliveries of this very message before this one)."""
 REDELIVERED = "x-kqueue-redelivered"
-#: Unix time before which a retry must not run.
+"""The copy stands for a redelivered message (a republished copy is not)."""
 RETRY_AT = "x-kqueue-retry-at"
-#: On a dead letter: why it is there, the last error, and the queue it came from.
+"""Unix time before which a retry must not run."""
 REASON = "x-kqueue-reason"
+"""On a dead letter: why it is there (``failed``, ``undecodable``, ``delivery-limit``)."""
 ERROR = "x-kqueue-error"
+"""On a dead letter: the last error, ``Type: message``."""
 ORIGIN = "x-kqueue-queue"
-#: RabbitMQ's own count of earlier deliveries, on quorum queues.
+"""On a dead letter: the queue it came from."""
 QUORUM_DELIVERY_COUNT = "x-delivery-count"
+"""RabbitMQ's own count of earlier deliveries, on quorum queues."""
 
 
 def headers_of(message: Message) -> dict[str, Any]:
+    """A copy of the message's headers (an empty dict when it has none)."""
     return dict(message.headers or {})
 
 
@@ -88,6 +91,7 @@ class Delivery:
 
     @classmethod
     def of(cls, message: Message) -> Delivery:
+        """Read what one delivered message says about itself."""
         headers = message.headers or {}
         flagged = bool(message.delivery_info.get("redelivered"))
         if not headers:  # the common case: a fresh task from kqueue-send or any AMQP client

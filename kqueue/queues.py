@@ -12,8 +12,9 @@ from kqueue.errors import queue_mismatch
 __all__ = ["DEFAULT_QUEUE", "QueueType", "dead_letter_queue", "declare", "is_quorum", "messages_ready", "task_queue"]
 
 DEFAULT_QUEUE = "task_queue"
-#: Appended to a task queue's name to name its dead-letter queue.
+"""The tutorial's queue, used when no name is given."""
 DEAD_SUFFIX = ".dead"
+"""Appended to a task queue's name to name its dead-letter queue."""
 
 
 class QueueType(str, Enum):
@@ -28,11 +29,20 @@ class QueueType(str, Enum):
     QUORUM = "quorum"
 
     def arguments(self) -> dict[str, Any]:
+        """The queue arguments this type is declared with: none for classic, ``x-queue-type`` for quorum."""
         return {"x-queue-type": "quorum"} if self is QueueType.QUORUM else {}
 
 
 def task_queue(name: str = DEFAULT_QUEUE, queue_type: QueueType = QueueType.CLASSIC) -> Queue:
-    """The durable queue named `name` on the default exchange, routing key = name."""
+    """The durable queue named `name` on the default exchange, routing key = name.
+
+    It is only a definition: `declare` makes it on the broker (the `Sender` and
+    the `Worker` declare it themselves before using it).
+
+    Parameters:
+        name: the queue's name.
+        queue_type: classic (the tutorial's queue, no arguments) or quorum.
+    """
     return _durable(name, queue_type.arguments() or None)
 
 

@@ -37,16 +37,22 @@ class _Recording(Worker):
 class MemoryQueue:
     """A task queue of its own on ``memory://``, worked from the test's own thread.
 
-    Example::
+    In a test:
 
-        def test_resize():
-            queue = MemoryQueue()
-            queue.send("photo-1.jpg", "photo-2.jpg")
-            assert queue.work(resize) == ["photo-1.jpg", "photo-2.jpg"]
+    ```python
+    def test_resize():
+        queue = MemoryQueue()
+        queue.send("photo-1.jpg", "photo-2.jpg")
+        assert queue.work(resize) == ["photo-1.jpg", "photo-2.jpg"]
+    ```
 
     Parameters:
         name: the queue's name; a unique one by default, since the memory
             transport's queues are shared by the whole process.
+
+    Attributes:
+        queue: the task queue (`kqueue.queues.task_queue`).
+        connection: its ``memory://`` connection.
     """
 
     def __init__(self, name: str | None = None) -> None:
@@ -58,6 +64,7 @@ class MemoryQueue:
         self.send_many(texts)
 
     def send_many(self, texts: Iterable[str]) -> None:
+        """Put tasks on the queue, from any iterable of texts."""
         send(self.connection, self.queue, texts)
 
     def work(self, handler: Handler, *, raise_errors: bool = True, **settings: Any) -> list[str]:

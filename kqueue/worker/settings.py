@@ -53,6 +53,7 @@ class WorkerSettings:
 
     @property
     def prefetch_count(self) -> int:
+        """The prefetch asked of the broker: `prefetch`, or `concurrency` when it is None."""
         return self.prefetch if self.prefetch is not None else self.concurrency
 
     def retry_delay_after(self, attempt: int) -> float:
