@@ -314,6 +314,21 @@ def test_a_sender_whose_network_freezes_mid_batch_never_says_more_than_was_confi
 # -- the sender's own promises, on the library --------------------------------------------------------------
 
 
+def sending(sender: Sender, texts: list[str]) -> tuple[threading.Thread, list[int | BaseException]]:
+    """`sender.send_many(texts)` on a thread of its own; what it returned or raised lands in the list."""
+    outcome: list[int | BaseException] = []
+
+    def send() -> None:
+        try:
+            outcome.append(sender.send_many(texts))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def test_a_sender_cut_with_its_confirm_window_full_sends_it_all_again(amqp_url: str, proxy: Proxy) -> None:
     queue = task_queue(unique("window"))
     conn = connect(proxy.url())
@@ -322,16 +337,7 @@ def test_a_sender_cut_with_its_confirm_window_full_sends_it_all_again(amqp_url: 
         sender.send("first")
         # Given a sender whose window is full: the network froze, no confirm comes back
         proxy.freeze()
-        sent: list[int | BaseException] = []
-
-        def send() -> None:
-            try:
-                sent.append(sender.send_many([f"task {n}" for n in range(300)]))
-            except Exception as exc:  # noqa: BLE001 - handed to the test below
-                sent.append(exc)
-
-        thread = threading.Thread(target=send, daemon=True)
-        thread.start()
+        thread, sent = sending(sender, [f"task {n}" for n in range(300)])
         wait_for(lambda: sender.unconfirmed >= 100, message="the window full")
 
         # When the connection is cut, and the network comes back
@@ -382,17 +388,8 @@ def test_a_sender_that_misses_the_brokers_heartbeats_drops_the_connection_and_gi
         sender.send("first")
         # Given a sender waiting for confirms on a network that froze: it hears no heartbeat either
         proxy.freeze()
-        sent: list[int | BaseException] = []
-
-        def send() -> None:
-            try:
-                sent.append(sender.send_many(["a", "b"]))
-            except Exception as exc:  # noqa: BLE001 - handed to the test below
-                sent.append(exc)
-
         started = time.monotonic()
-        thread = threading.Thread(target=send, daemon=True)
-        thread.start()
+        thread, sent = sending(sender, ["a", "b"])
 
         # When two heartbeats are missed, then it has tried to reconnect for --retry-for
         thread.join(8)
