@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from kqueue.sqlite.options import Options
 from kqueue.sqlite.owners import alive
-from kqueue.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION
+from kqueue.sqlite.schema import APPLICATION_ID, SCHEMA_VERSION, prepare
 from kqueue.sqlite.store import Store
 from tests.broker.procs import tool
 
@@ -255,3 +255,28 @@ def test_a_new_owner_is_never_taken_for_dead(tmp_path: Path) -> None:
     finally:
         stop.set()
         prober.join(10)
+
+
+def test_connections_opening_a_new_file_at_once_all_take_it_for_kqueues(tmp_path: Path) -> None:
+    # Given several connections opening the same new file at the same moment, again and again
+    errors: list[BaseException] = []
+
+    def open_it(path: Path, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            prepare(path, Options())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    for round_ in range(40):
+        start = threading.Barrier(6)
+        path = tmp_path / f"new-{round_}.db"
+        threads = [threading.Thread(target=open_it, args=(path, start)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+
+        # Then none of them saw half of another's creation, and the file is kqueue's
+        assert not errors, errors[0]
+        assert header(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)

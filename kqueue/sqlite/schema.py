@@ -85,8 +85,14 @@ def prepare(path: Path, options: Options) -> None:
 
 
 def _prepare(db: sqlite3.Connection, path: Path) -> None:
-    # Reading the header takes no lock, so opening a file never waits on a writer.
-    if _kind(db, path) == "current":
+    # A read transaction: the header and the tables from one snapshot, never half of another
+    # process's creation. It waits on no writer, so opening a file never does.
+    db.execute("BEGIN")
+    try:
+        kind = _kind(db, path)
+    finally:
+        db.execute("COMMIT")
+    if kind == "current":
         return
     # Several processes may open a new file at once: the write lock makes one of them create it.
     # A new file gives back the pages of deleted rows (auto_vacuum), which it can take only before WAL and tables.
@@ -109,9 +115,9 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
 
 def _kind(db: sqlite3.Connection, path: Path) -> str:
     """'current', 'new' (empty) or 'old' (kqueue's first schema); anything else is refused."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     app = db.execute("PRAGMA application_id").fetchone()[0]
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if app == APPLICATION_ID:
         if version > SCHEMA_VERSION:
             raise KQueueError(
