@@ -268,7 +268,7 @@ def test_connections_opening_a_new_file_at_once_all_take_it_for_kqueues(tmp_path
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             errors.append(exc)
 
-    for round_ in range(40):
+    for round_ in range(120):
         start = threading.Barrier(6)
         path = tmp_path / f"new-{round_}.db"
         threads = [threading.Thread(target=open_it, args=(path, start)) for _ in range(6)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from kqueue.errors import KQueueError
@@ -56,8 +57,7 @@ def connect(path: Path, options: Options, synchronous: str) -> sqlite3.Connectio
     with translated(path, "open", options.busy_timeout):
         db = sqlite3.connect(path, timeout=options.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
+            _to_wal(db, options.busy_timeout)
             db.execute(f"PRAGMA synchronous={synchronous}")
             db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         except BaseException:
@@ -79,12 +79,12 @@ def prepare(path: Path, options: Options) -> None:
     with translated(path, "open", options.busy_timeout):
         db = sqlite3.connect(path, timeout=options.busy_timeout, isolation_level=None)
         try:
-            _prepare(db, path)
+            _prepare(db, path, options.busy_timeout)
         finally:
             db.close()
 
 
-def _prepare(db: sqlite3.Connection, path: Path) -> None:
+def _prepare(db: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
     # A read transaction: the header and the tables from one snapshot, never half of another
     # process's creation. It waits on no writer, so opening a file never does.
     db.execute("BEGIN")
@@ -97,7 +97,7 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
     # Several processes may open a new file at once: the write lock makes one of them create it.
     # A new file gives back the pages of deleted rows (auto_vacuum), which it can take only before WAL and tables.
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    db.execute("PRAGMA journal_mode=WAL")
+    _to_wal(db, busy_timeout)
     db.execute("BEGIN IMMEDIATE")
     try:
         kind = _kind(db, path)
@@ -111,6 +111,25 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
     finally:
         if db.in_transaction:
             db.execute("ROLLBACK")
+
+
+def _to_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """Put the file in WAL mode, if it is not yet.
+
+    SQLite refuses a change of journal mode at once, without waiting, while
+    another connection changes it too (processes opening a new file together):
+    try again for as long as any other lock would be waited for.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if not getattr(exc, "sqlite_errorname", "SQLITE_BUSY").startswith("SQLITE_BUSY"):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _kind(db: sqlite3.Connection, path: Path) -> str:

@@ -191,9 +191,11 @@ def run_kill(
     try:
         for worker in workers:
             wait_for(lambda w=worker: w.count("consuming"), timeout=30, message=f"{worker.name} consuming")
+        # Which node to kill, found before the batch starts: finding the leader takes a rabbitmqctl
+        # call of a second or more, time in which the sender could finish the whole batch.
+        killed = victim(queue)
         sender = Proc("sender", ["kqueue-send", "--broker", url_from(cluster, 1), *common, "--file", str(tasks)])
         wait_for(lambda: any(path.exists() and path.stat().st_size for path in done_files), message="a task done")
-        killed = victim(queue)
         assert sender.proc.poll() is None, "the sender finished before the kill: no longer mid-batch"
         kill_at = time.monotonic()
         cluster.kill(killed)
