@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ _KQUEUE_HEADERS = (
     wire.DELIVERIES,
     wire.REDELIVERED,
     wire.RETRY_AT,
+    wire.NOT_BEFORE,
     wire.REASON,
     wire.ERROR,
     wire.ORIGIN,
@@ -44,12 +46,15 @@ class QueueStats:
         ready: messages waiting to be handed out.
         unacked: messages handed to consumers and not yet acknowledged.
         consumers: consumers of the queue.
+        delayed: messages the broker keeps until they are due (see `kqueue.delays`); on
+            RabbitMQ, those of every queue of the virtual host, which share one chain.
     """
 
     name: str
     ready: int
     unacked: int | None
     consumers: int | None
+    delayed: int | None = 0
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,12 @@ class DeadLetter:
     """One dead letter, as `kqueue dead list` prints it.
 
     Attributes:
-        text: the task's text (the repr of its bytes when it does not decode).
-        reason: why it died: ``failed``, ``undecodable`` or ``delivery-limit`` (``?`` if unknown).
+        text: the task's text (the repr of its bytes when it does not decode); a function task's call.
+        reason: why it died: ``failed``, ``undecodable``, ``delivery-limit`` or ``unknown-task`` (``?`` if unknown).
         error: the last error, ``Type: message``.
         attempts: the runs of its handler.
         origin: the queue it came from.
+        task: a function task's name; None for a text task.
     """
 
     text: str
@@ -69,6 +75,7 @@ class DeadLetter:
     error: str
     attempts: int
     origin: str
+    task: str | None = None
 
 
 def management_url_for(broker_url: str) -> str:
@@ -91,11 +98,36 @@ def queue_stats(conn: Connection, queue: Queue, management_url: str | None = Non
     if conn.transport.driver_type == "sqlite":
         from kqueue.sqlite import queue_stats as sqlite_stats
 
-        return [QueueStats(q.name, *sqlite_stats(conn, q.name)) for q in queues]
-    if is_amqp(conn):
+        rows = [QueueStats(q.name, *sqlite_stats(conn, q.name)) for q in queues]
+    elif is_amqp(conn):
         api = _Management(management_url or management_url_for(conn.as_uri(include_password=True)), conn)
-        return [_amqp_stats(conn, q, api) for q in queues]
-    return [_virtual_stats(conn, q) for q in queues]
+        rows = [_amqp_stats(conn, q, api) for q in queues]
+    else:
+        rows = [_virtual_stats(conn, q) for q in queues]
+    rows[0] = dataclasses.replace(rows[0], delayed=_delayed(conn, queue))
+    return rows
+
+
+def _delayed(conn: Connection, queue: Queue) -> int | None:
+    """The delayed messages of `queue`, as its broker keeps them (None: a transport that keeps none)."""
+    transport = type(conn.transport).__module__
+    if transport.startswith("kqueue.sqlite"):
+        from kqueue.sqlite import delayed_count
+
+        return delayed_count(conn, queue.name)
+    if transport == "kqueue.delays.redis":
+        from kqueue.delays import redis
+
+        return redis.delayed_count(conn.default_channel, queue.name)
+    if transport == "kqueue.delays.memory":
+        from kqueue.delays import memory
+
+        return memory.delayed_count(queue.name)
+    if is_amqp(conn):
+        from kqueue.delays import amqp
+
+        return amqp.count(conn, queue)
+    return None
 
 
 def _amqp_stats(conn: Connection, queue: Queue, api: _Management) -> QueueStats:
@@ -185,8 +217,11 @@ def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> li
         for message in _drain(conn, dead_letter_queue(queue), limit):
             held.append(message)
             headers = wire.headers_of(message)
+            name = headers.get(wire.TASK)
             try:
-                text = wire.decode_task(message)
+                text = (
+                    wire.decode_task(message) if name is None else wire.describe_call(name, *wire.decode_call(message))
+                )
             except Exception:  # noqa: BLE001 - undecodable letters are listed by their bytes
                 text = repr(message.body)
             found.append(
@@ -196,6 +231,7 @@ def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> li
                     str(headers.get(wire.ERROR, "")),
                     int(headers.get(wire.ATTEMPT, 1)),
                     str(headers.get(wire.ORIGIN, queue.name)),
+                    None if name is None else str(name),
                 )
             )
     finally:

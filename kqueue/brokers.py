@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import select
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_URL",
     "confirms",
     "connect",
+    "default_url",
     "ensure_connected",
     "has_arrived",
     "has_read",
@@ -51,8 +54,29 @@ TRANSPORT_OPTIONS: dict[str, dict[str, Any]] = {
     "redis": {"visibility_timeout": 3600.0},
     "amqp": {},
 }
+#: kqueue's own transports for a scheme: Kombu's, with delays kept by the broker (see `kqueue.delays`).
+#: ``sqlite://`` is kqueue's alone and registered with Kombu by name.
+TRANSPORTS = {
+    "redis": "kqueue.delays.redis:Transport",
+    "memory": "kqueue.delays.memory:Transport",
+}
 #: Transport options a user may set in the URL's query string.
 _URL_OPTIONS = {"visibility_timeout": float, "polling_interval": float}
+
+
+def default_url() -> str:
+    """The tools' default broker: ``sqlite://`` on a file in the user's data directory (XDG), its folder made.
+
+    Raises:
+        KQueueError: the folder cannot be made.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    folder = Path(base) / "kqueue"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KQueueError(f"cannot make {folder} for the default broker's file ({exc}): give --broker") from None
+    return f"sqlite:///{folder / 'queues.db'}"
 
 
 def mask(url: str) -> str:
@@ -164,10 +188,12 @@ def connect(
         plain, url_options = ";".join(entry for entry, _ in split), split[0][1]
         if plain.rstrip("/") == "memory:":
             plain = "memory://localhost//"  # the same transport, without Kombu's "no hostname" warning
-        conn = Connection(
+        transport = TRANSPORTS.get(plain.split("://", 1)[0])
+        conn = (Connection if transport is None else _Connection)(
             plain,
             heartbeat=DEFAULT_HEARTBEAT if heartbeat is None else heartbeat,
             connect_timeout=connect_timeout,
+            transport=transport,
         )
         driver = conn.transport.driver_type
     except KeyError as exc:
@@ -183,6 +209,14 @@ def connect(
     options.update(url_options)
     conn.transport_options.update(options)
     return conn
+
+
+class _Connection(Connection):  # type: ignore[misc]
+    """A connection on one of kqueue's `TRANSPORTS`, named in URLs by its scheme rather than its class."""
+
+    def as_uri(self, *args: Any, **kwargs: Any) -> str:
+        uri = str(super().as_uri(*args, **kwargs))
+        return f"{self.get_transport_cls().scheme}://{uri.partition('://')[2]}"
 
 
 def confirms(conn: Connection) -> bool:

@@ -1,18 +1,25 @@
-"""Task handlers: the tutorial's fake work, and loading a handler by its import path."""
+"""Task handlers: the tutorial's fake work, and loading a handler or an app by its import path."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from kqueue.errors import KQueueError
 
-__all__ = ["Handler", "dots", "load_handler"]
+if TYPE_CHECKING:
+    from kqueue.app import App
 
-#: A handler takes the task's text. It succeeds by returning and fails by raising.
+__all__ = ["Handler", "dots", "load_app", "load_handler"]
+
+#: A handler takes the task's text. It succeeds by returning and fails by raising;
+#: an ``async def`` handler's coroutine is run to its end (`kqueue.worker.aio`).
 Handler = Callable[[str], object]
 
 
@@ -36,18 +43,55 @@ def load_handler(path: str) -> Handler:
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise KQueueError(f"handler {path!r} is not of the form module:function")
+    target = _attribute(_module(module_name, "handler"), attribute, path, "handler")
+    if not callable(target):
+        raise KQueueError(f"handler {path!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def load_app(path: str) -> App:
+    """The `kqueue.App` at ``module:name``, or the one app that ``module`` has.
+
+    Raises:
+        KQueueError: the module does not import, or has no such app, or more than one.
+    """
+    from kqueue.app import App
+
+    module_name, sep, attribute = path.partition(":")
+    if not module_name or (sep and not attribute):
+        raise KQueueError(f"app {path!r} is not of the form module or module:name")
+    module = _module(module_name, "app")
+    if attribute:
+        target = _attribute(module, attribute, path, "app")
+        if not isinstance(target, App):
+            raise KQueueError(f"app {path!r} is a {type(target).__name__}, not a kqueue.App")
+        return target
+    apps = {name: value for name, value in vars(module).items() if isinstance(value, App)}
+    if len(apps) != 1:
+        found = f"{len(apps)} of them ({', '.join(sorted(apps))})" if apps else "none"
+        raise KQueueError(
+            f"app module {module_name!r} should hold one kqueue.App, and holds {found}: name it ({path}:NAME)"
+        )
+    return next(iter(apps.values()))
+
+
+def _module(name: str, what: str) -> object:
+    if os.getcwd() not in sys.path:  # as with `python -m`, the user's own modules in the current folder import
+        sys.path.insert(0, os.getcwd())
     try:
-        target: object = importlib.import_module(module_name)
+        return importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise KQueueError(f"handler module {module_name!r} does not import: {_where_it_failed(exc)}") from None
+        raise KQueueError(f"{what} module {name!r} does not import: {_where_it_failed(exc)}") from None
+
+
+def _attribute(target: object, attribute: str, path: str, what: str) -> object:
+    module_name = path.partition(":")[0]
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise KQueueError(f"handler {path!r}: module {module_name!r} has no {attribute!r}") from None
-    if not callable(target):
-        raise KQueueError(f"handler {path!r} is not callable")
-    return target  # type: ignore[return-value]
+            raise KQueueError(f"{what} {path!r}: module {module_name!r} has no {attribute!r}") from None
+    return target
 
 
 def _where_it_failed(exc: BaseException) -> str:

@@ -15,13 +15,18 @@ __all__ = [
     "ATTEMPT",
     "DELIVERIES",
     "ERROR",
+    "NOT_BEFORE",
     "ORIGIN",
     "REASON",
     "REDELIVERED",
     "RETRY_AT",
+    "TASK",
     "Delivery",
     "copy_of",
+    "decode_call",
     "decode_task",
+    "describe_call",
+    "encode_call",
 ]
 
 ACCEPT = ["text/plain", "application/data", "application/json"]
@@ -37,8 +42,15 @@ counted by kqueue where the queue does not count (quorum queues send
 ``x-delivery-count``, the deliveries of this very message before this one)."""
 REDELIVERED = "x-kqueue-redelivered"
 """The copy stands for a redelivered message (a republished copy is not)."""
+NOT_BEFORE = "x-kqueue-not-before"
+"""Unix time before which the task must not run: a delayed send, or a retry.
+Brokers that keep delays hold the message until then; a worker handed it
+early holds or delays it again."""
 RETRY_AT = "x-kqueue-retry-at"
-"""Unix time before which a retry must not run."""
+"""The same as `NOT_BEFORE`, as kqueue 0.1's retries wrote it: still read."""
+TASK = "x-kqueue-task"
+"""On a function task: the name it is registered under. The body is JSON,
+``{"args": [...], "kwargs": {...}}``."""
 REASON = "x-kqueue-reason"
 """On a dead letter: why it is there (``failed``, ``undecodable``, ``delivery-limit``)."""
 ERROR = "x-kqueue-error"
@@ -47,6 +59,36 @@ ORIGIN = "x-kqueue-queue"
 """On a dead letter: the queue it came from."""
 QUORUM_DELIVERY_COUNT = "x-delivery-count"
 """RabbitMQ's own count of earlier deliveries, on quorum queues."""
+
+
+def encode_call(args: Any, kwargs: Any) -> bytes:
+    """A function task's body: ``{"args": [...], "kwargs": {...}}``, compact JSON in UTF-8."""
+    return json.dumps({"args": args, "kwargs": kwargs}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_call(message: Message) -> tuple[list[Any], dict[str, Any]]:
+    """A function task's positional and keyword arguments.
+
+    Raises:
+        kombu.exceptions.ContentDisallowed: a content type outside `ACCEPT`.
+        kombu.exceptions.DecodeError: a body that is not what its type says.
+        ValueError: JSON that is not ``{"args": [...], "kwargs": {...}}``.
+    """
+    payload = message.decode()
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f'a function task\'s body is a JSON object {{"args": [...], "kwargs": {{...}}}}, not {payload!r:.80}'
+        )
+    args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError(f"a function task's args are a JSON array and its kwargs an object, not {payload!r:.80}")
+    return args, kwargs
+
+
+def describe_call(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """``resize('a.jpg', width=300)``: a function task's call as the tools print it."""
+    shown = [repr(arg) for arg in args] + [f"{key}={value!r}" for key, value in kwargs.items()]
+    return f"{name}({', '.join(shown)})"
 
 
 def headers_of(message: Message) -> dict[str, Any]:
@@ -80,7 +122,7 @@ class Delivery:
         uncounted: redelivered by a queue that does not count deliveries: the
             count must be carried in a copy before the task runs again.
         attempt: which run of the handler this would be.
-        retry_at: Unix time before which it must not run, or None.
+        retry_at: Unix time before which it must not run (`NOT_BEFORE`), or None.
     """
 
     redelivered: bool
@@ -98,7 +140,7 @@ class Delivery:
             return cls(flagged, 2 if flagged else 1, flagged, 1, None)
         uncounted = flagged and QUORUM_DELIVERY_COUNT not in headers
         number = int(headers.get(DELIVERIES, 0)) + int(headers.get(QUORUM_DELIVERY_COUNT, 0)) + 1 + uncounted
-        retry_at = headers.get(RETRY_AT)
+        retry_at = headers.get(NOT_BEFORE, headers.get(RETRY_AT))
         return cls(
             flagged or bool(headers.get(REDELIVERED)),
             number,
@@ -108,13 +150,27 @@ class Delivery:
         )
 
 
+#: Headers RabbitMQ adds as a message passes through its delay queues (dead-lettering): not carried into a copy.
+_BROKERS_OWN = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
+
+
 def copy_of(message: Message, routing_key: str, changes: dict[str, Any]) -> Outgoing:
     """The message's body, content type and headers, with `changes` to the headers.
 
-    A header changed to None is removed.
+    A header changed to None is removed. A `NOT_BEFORE` among the headers makes
+    the copy a delayed one (`Outgoing.not_before`).
     """
     headers = headers_of(message)
-    headers.pop(QUORUM_DELIVERY_COUNT, None)
+    for key in (QUORUM_DELIVERY_COUNT, *_BROKERS_OWN):
+        headers.pop(key, None)
     for key, value in changes.items():
         if value is None:
             headers.pop(key, None)
@@ -123,4 +179,12 @@ def copy_of(message: Message, routing_key: str, changes: dict[str, Any]) -> Outg
     content_type = message.content_type or "application/data"
     encoding = message.content_encoding or ("binary" if not message.content_type else "utf-8")
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode("utf-8")
-    return Outgoing(body, routing_key, content_type, encoding, headers or None)
+    not_before = headers.get(NOT_BEFORE)
+    return Outgoing(
+        body,
+        routing_key,
+        content_type,
+        encoding,
+        headers or None,
+        not_before=None if not_before is None else float(not_before),
+    )

@@ -12,7 +12,9 @@ from typing import Any
 from kombu import Connection, Queue
 
 from kqueue.brokers import confirms, ensure_connected, has_arrived, is_amqp, read_arrived, watch_blocked, where
-from kqueue.errors import PublishFailed, describe
+from kqueue.delays import NOT_BEFORE, check_delay
+from kqueue.delays import amqp as delays_amqp
+from kqueue.errors import KQueueError, PublishFailed, describe
 from kqueue.queues import declare
 
 __all__ = ["Outgoing", "Sender", "send"]
@@ -56,10 +58,17 @@ class Outgoing:
     headers: Mapping[str, Any] | None = None
     #: The caller's own number for it (a line of a file), never sent: see `Sender.pending`.
     seq: int = field(default=0, compare=False)
+    #: Unix time before which it must not run: the broker keeps it until then (see `kqueue.delays`).
+    #: The headers carry it too, as `kqueue.message.NOT_BEFORE`.
+    not_before: float | None = None
 
     @classmethod
-    def task(cls, text: str, queue: Queue, seq: int = 0) -> Outgoing:
-        return cls(text.encode("utf-8"), queue.name, seq=seq)
+    def task(cls, text: str, queue: Queue, seq: int = 0, delay: float | None = None) -> Outgoing:
+        """A text task for `queue`; `delay`: seconds before it may run."""
+        if not delay:
+            return cls(text.encode("utf-8"), queue.name, seq=seq)
+        not_before = time.time() + check_delay(delay)
+        return cls(text.encode("utf-8"), queue.name, headers={NOT_BEFORE: not_before}, seq=seq, not_before=not_before)
 
 
 class Sender:
@@ -190,27 +199,37 @@ class Sender:
         """
         return len(self._unconfirmed) + len(self._refused.messages)
 
-    def send(self, text: str) -> None:
+    def send(self, text: str, *, delay: float | None = None) -> None:
         """Send one task and wait for the broker's confirm.
+
+        Parameters:
+            text: the task.
+            delay: seconds before it may run; the broker keeps it meanwhile (see `kqueue.delays`).
 
         Raises:
             PublishFailed: it was not confirmed.
             QueueMismatch: the queue exists with other arguments.
+            KQueueError: the delay is negative or longer than `kqueue.delays.LONGEST`.
         """
-        self.send_many([text])
+        self.send_many([text], delay=delay)
 
-    def send_many(self, texts: Iterable[str], on_confirmed: Callable[[int], None] | None = None) -> int:
+    def send_many(
+        self, texts: Iterable[str], on_confirmed: Callable[[int], None] | None = None, *, delay: float | None = None
+    ) -> int:
         """Send many tasks over this connection; return how many the broker confirmed.
 
         Parameters:
             texts: the tasks, one message each.
             on_confirmed: called with the running total each time confirms arrive.
+            delay: seconds before each may run, counted from when it is sent.
 
         Raises:
             PublishFailed: not every message was confirmed; `confirmed` says how many were.
             QueueMismatch: the queue exists with other arguments.
         """
-        return self.publish((Outgoing.task(text, self.queue) for text in texts), on_confirmed)
+        if delay:
+            check_delay(delay)
+        return self.publish((Outgoing.task(text, self.queue, delay=delay) for text in texts), on_confirmed)
 
     def publish(self, messages: Iterable[Outgoing], on_confirmed: Callable[[int], None] | None = None) -> int:
         """Publish prepared messages (see `Outgoing`); the lower level of `send_many`."""
@@ -245,7 +264,7 @@ class Sender:
         tag = self._next_tag
         self._unconfirmed[tag] = message
         self._next_tag += 1
-        self._declare(message.routing_key)
+        self._declare(message.routing_key, delayed=message.not_before is not None)
         before = self.confirmed
         self._send(message)
         if self.confirmed != before and on_confirmed is not None:
@@ -270,6 +289,12 @@ class Sender:
         # without its per-message serializer, compression and declare checks:
         # an Outgoing is already bytes with its content type.
         channel = self._channel
+        exchange, routing_key = "", message.routing_key
+        if message.not_before is not None and self._amqp:
+            # RabbitMQ keeps delays in a chain of queues: route through it (the other brokers read the header).
+            due_in = message.not_before - time.time()
+            if due_in > 0:
+                exchange, routing_key = delays_amqp.route(self._queues[routing_key], due_in)
         channel.basic_publish(
             channel.prepare_message(
                 message.body,
@@ -279,8 +304,8 @@ class Sender:
                 dict(message.headers) if message.headers else None,
                 {"delivery_mode": PERSISTENT},
             ),
-            exchange="",
-            routing_key=message.routing_key,
+            exchange=exchange,
+            routing_key=routing_key,
             mandatory=self._confirms,
         )
 
@@ -469,12 +494,16 @@ class Sender:
         self._next_tag = 1
         self._declared.clear()
 
-    def _declare(self, routing_key: str) -> None:
-        if routing_key in self._declared:
-            return
-        if routing_key in self._queues:
-            declare(self.connection, self._queues[routing_key])
-        self._declared.add(routing_key)
+    def _declare(self, routing_key: str, *, delayed: bool = False) -> None:
+        if routing_key not in self._declared:
+            if routing_key in self._queues:
+                declare(self.connection, self._queues[routing_key])
+            self._declared.add(routing_key)
+        if delayed and self._amqp and (key := f"{routing_key} (delayed)") not in self._declared:
+            if routing_key not in self._queues:
+                raise KQueueError(f"a delayed task for {routing_key!r}, which this sender was not given")
+            delays_amqp.declare(self.connection, self._queues[routing_key])
+            self._declared.add(key)
 
     def _lost(self, exc: BaseException) -> None:
         """The connection broke: drop the channel and reconnect, to the next node first, or give up.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
@@ -9,7 +11,16 @@ from kombu import Connection, Exchange, Queue
 
 from kqueue.errors import queue_mismatch
 
-__all__ = ["DEFAULT_QUEUE", "QueueType", "dead_letter_queue", "declare", "is_quorum", "messages_ready", "task_queue"]
+__all__ = [
+    "DEFAULT_QUEUE",
+    "QueueType",
+    "dead_letter_queue",
+    "declare",
+    "declaring",
+    "is_quorum",
+    "messages_ready",
+    "task_queue",
+]
 
 DEFAULT_QUEUE = "task_queue"
 """The tutorial's queue, used when no name is given."""
@@ -74,9 +85,16 @@ def declare(conn: Connection, queue: Queue) -> None:
         QueueMismatch: the queue exists with other arguments (RabbitMQ refuses
             the declaration and closes the channel).
     """
+    with declaring(conn) as channel:
+        queue(channel).declare()
+
+
+@contextmanager
+def declaring(conn: Connection) -> Iterator[Any]:
+    """A channel of its own for declarations, closed after; a refusal for other arguments becomes `QueueMismatch`."""
     channel = conn.channel()
     try:
-        queue(channel).declare()
+        yield channel
     except conn.channel_errors as exc:
         mismatch = queue_mismatch(exc)
         if mismatch is not None:

@@ -240,7 +240,7 @@ def test_the_broker_options_may_come_before_the_admin_command(url: str) -> None:
 
     assert before.returncode == 0, before.stderr
     assert before.stdout == after.stdout
-    assert before.stdout.splitlines()[1].split() == ["jobs", "1", "0", "0"]
+    assert before.stdout.splitlines()[1].split() == ["jobs", "1", "0", "0", "0"]
 
 
 def test_kqueue_alone_prints_its_help() -> None:

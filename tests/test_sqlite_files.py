@@ -109,7 +109,7 @@ def test_a_queue_file_of_the_first_schema_is_upgraded_with_its_tasks(tmp_path: P
     url = f"sqlite:///{tmp_path / 'queues.db'}"
     send(url, 3)
     db = sqlite3.connect(tmp_path / "queues.db")
-    db.executescript("PRAGMA application_id = 0; PRAGMA user_version = 1;")
+    db.executescript("DROP TABLE delayed; PRAGMA application_id = 0; PRAGMA user_version = 1;")
     db.close()
 
     # When a worker opens it
@@ -118,6 +118,25 @@ def test_a_queue_file_of_the_first_schema_is_upgraded_with_its_tasks(tmp_path: P
     # Then it is kqueue's, of this version, and its tasks were done
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[x] Done") == 3
+    assert header(tmp_path / "queues.db")[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+
+
+def test_a_queue_file_of_the_second_schema_gets_the_delayed_table_and_keeps_its_tasks(tmp_path: Path) -> None:
+    # Given a file as kqueue 0.1 left it: schema 2, no table of delayed tasks
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    send(url, 3)
+    db = sqlite3.connect(tmp_path / "queues.db")
+    db.executescript("DROP TABLE delayed; PRAGMA user_version = 2;")
+    db.close()
+
+    # When a task is sent with a delay, and a worker runs four tasks
+    sent = run_tool("kqueue-send", "--broker", url, "--queue", "tasks", "--delay", "0.3", "later")
+    assert sent.returncode == 0, sent.stderr
+    result = run_tool("kqueue-work", "--broker", url, "--queue", "tasks", "--max-tasks", "4", "--dot-seconds", "0")
+
+    # Then the file is of this version, and the three tasks and the delayed one were done
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("[x] Done") == 4
     assert header(tmp_path / "queues.db")[:2] == (APPLICATION_ID, SCHEMA_VERSION)
 
 

@@ -125,7 +125,7 @@ def test_a_failure_is_retried_after_a_delay_that_doubles() -> None:
     assert isinstance(first, policy.Retry) and isinstance(second, policy.Retry)
     assert (first.delay, second.delay) == (1.0, 2.0)
     assert second.changes[wire.ATTEMPT] == 3
-    assert second.changes[wire.RETRY_AT] == 102.0
+    assert second.changes[wire.NOT_BEFORE] == 102.0
     assert first.error == "ValueError: no"
 
 

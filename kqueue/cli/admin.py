@@ -37,19 +37,26 @@ def admin_main(ctx: click.Context, /, **shared: Any) -> None:
 def stat_command(
     management_url: str | None, broker_url: str | None, queue_name: str, queue_type: str, verbose: bool
 ) -> None:
-    """Messages ready, unacknowledged and consumers, for the queue and its dead letters.
+    """Messages ready and unacknowledged, consumers, and messages delayed, for the queue and its dead letters.
 
     '?' where the broker cannot tell.
     """
     from kqueue.admin import queue_stats
+    from kqueue.brokers import is_amqp
 
     conn, queue = _admin_connect(broker_url, queue_name, queue_type, verbose)
     with conn:
         rows = queue_stats(conn, queue, management_url)
+        shared = is_amqp(conn) and bool(rows[0].delayed)
     width = max(len("queue"), *(len(row.name) for row in rows))
-    click.echo(f"{'queue':<{width}}  {'ready':>7}  {'unacked':>7}  {'consumers':>9}")
+    click.echo(f"{'queue':<{width}}  {'ready':>7}  {'unacked':>7}  {'consumers':>9}  {'delayed':>7}")
     for row in rows:
-        click.echo(f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}")
+        delayed = _count(row.delayed) + ("*" if shared and row is rows[0] else "")
+        click.echo(
+            f"{row.name:<{width}}  {row.ready:>7}  {_count(row.unacked):>7}  {_count(row.consumers):>9}  {delayed:>7}"
+        )
+    if shared:
+        click.echo("* delayed tasks of every queue on this virtual host: RabbitMQ keeps them in one chain of queues")
 
 
 def _admin_connect(broker_url: str | None, queue_name: str, queue_type: str, verbose: bool) -> tuple[Any, Any]:
@@ -81,7 +88,8 @@ def dead_list_command(
     with conn:
         letters = dead_letters(conn, queue, limit)
     for letter in letters:
-        click.echo(f"{letter.text!r}  reason={letter.reason} attempts={letter.attempts} error={letter.error}")
+        shown = letter.text if letter.task is not None else repr(letter.text)
+        click.echo(f"{shown}  reason={letter.reason} attempts={letter.attempts} error={letter.error}")
     click.echo(f"{plural(len(letters), 'dead letter')} in {queue.name}.dead")
 
 

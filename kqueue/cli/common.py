@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from kqueue import __version__
-from kqueue.brokers import connect, open_connection
+from kqueue.brokers import connect, default_url, open_connection
 from kqueue.errors import KQueueError
 from kqueue.queues import DEFAULT_QUEUE, QueueType, declare, task_queue
 
@@ -133,11 +131,12 @@ REFUSE_MEMORY = True
 SHOWN = 200
 
 
-def shown(text: str) -> str:
-    """A task as the tools print it: quoted, and cut short past `SHOWN` characters, as RabbitMQ's tools do."""
+def shown(text: str, *, quoted: bool = True) -> str:
+    """A task as the tools print it: quoted (a text task; not a call), cut short past `SHOWN` characters."""
+    show = repr if quoted else str
     if len(text) <= SHOWN:
-        return repr(text)
-    return f"{text[:SHOWN]!r}... ({len(text):,} characters)"
+        return show(text)
+    return f"{show(text[:SHOWN])}... ({len(text):,} characters)"
 
 
 def plural(count: int, word: str) -> str:
@@ -161,15 +160,7 @@ def _local_url(url: str) -> str:
     return f"sqlite:///{path}" + (f"?{query}" if query else "")
 
 
-def default_broker_url() -> str:
-    """``sqlite://`` on a file in the user's data directory (XDG), its folder made: nothing to install."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    folder = Path(base) / "kqueue"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KQueueError(f"cannot make {folder} for the default broker's file ({exc}): give --broker") from None
-    return f"sqlite:///{folder / 'queues.db'}"
+default_broker_url = default_url
 
 
 def connect_queue(

@@ -10,6 +10,7 @@ from typing import IO, Any
 import click
 
 from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, plural, shown
+from kqueue.delays import LONGEST
 from kqueue.errors import KQueueError, PublishFailed
 from kqueue.logs import configure
 
@@ -34,6 +35,13 @@ _BOM = "\ufeff"
     "that stopped half-way, as its last line says.",
 )
 @click.option(
+    "--delay",
+    type=click.FloatRange(min=0, max=LONGEST),
+    default=0.0,
+    metavar="SECONDS",
+    help="Run no earlier than SECONDS from now; the broker keeps the task meanwhile (up to 49 days).",
+)
+@click.option(
     "--retry-for",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -54,6 +62,7 @@ def send_main(
     words: tuple[str, ...],
     path: IO[bytes] | None,
     skip: int,
+    delay: float,
     retry_for: float,
     confirm_timeout: float,
     broker_url: str | None,
@@ -77,12 +86,16 @@ def send_main(
     with conn, Sender(conn, queue, reconnect_for=retry_for, confirm_timeout=confirm_timeout) as sender:
         if path is None:
             try:
-                sender.send(texts[0])
+                sender.send(texts[0], delay=delay)
             except PublishFailed as exc:
                 raise KQueueError(f"{exc}: {shown(texts[0])} was not confirmed") from None
-            click.echo(f" [x] Sent {shown(texts[0])}")
+            click.echo(f" [x] Sent {shown(texts[0])}{_when(delay)}")
             return
-        _send_file(sender, queue, texts, skip)
+        _send_file(sender, queue, texts, skip, delay)
+
+
+def _when(delay: float) -> str:
+    return f", to run in {delay:g}s" if delay else ""
 
 
 def _text(words: tuple[str, ...]) -> str:
@@ -121,7 +134,7 @@ def _read(source: IO[bytes], skip: int) -> list[str]:
     return texts[skip:]
 
 
-def _send_file(sender: Any, queue: Any, texts: list[str], skip: int) -> None:
+def _send_file(sender: Any, queue: Any, texts: list[str], skip: int, delay: float) -> None:
     """Send every line; stopped half-way (Ctrl+C, the broker gone), say how many were confirmed and how to resume."""
     from kqueue.producer import Outgoing
 
@@ -129,7 +142,7 @@ def _send_file(sender: Any, queue: Any, texts: list[str], skip: int) -> None:
 
     def messages() -> Iterator[Outgoing]:
         for seq, text in enumerate(texts):
-            yield Outgoing.task(text, queue, seq)
+            yield Outgoing.task(text, queue, seq, delay)
             went[0] = seq + 1  # runs once the sender asks for the next: this one is in its book
 
     try:
@@ -141,7 +154,7 @@ def _send_file(sender: Any, queue: Any, texts: list[str], skip: int) -> None:
         _stopped(why, sender, len(texts), skip, went[0], code)
     if sent != len(texts):  # never: every message is confirmed, or PublishFailed says how many were
         raise KQueueError(f"the broker confirmed {sent} of {plural(len(texts), 'message')}")
-    click.echo(f" [x] Sent {plural(sent, 'message')} to {queue.name!r}")
+    click.echo(f" [x] Sent {plural(sent, 'message')} to {queue.name!r}{_when(delay)}")
 
 
 def _stopped(why: str, sender: Any, total: int, skip: int, went: int, code: int) -> None:

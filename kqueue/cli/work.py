@@ -16,15 +16,25 @@ from click.core import ParameterSource
 from kqueue.brokers import DEFAULT_HEARTBEAT
 from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, default_broker_url, plural, shown
 from kqueue.errors import KQueueError
-from kqueue.handlers import Handler, dot_handler, load_handler
+from kqueue.handlers import Handler, dot_handler, load_app, load_handler
 from kqueue.logs import configure
 
 if TYPE_CHECKING:
+    from kqueue.app import App
     from kqueue.worker import WorkerSettings
 
 
 @click.command("kqueue-work", cls=Command, context_settings=CONTEXT)
-@click.option("--handler", "handler_path", metavar="MODULE:FUNCTION", help="Run this callable with each task's text.")
+@click.option(
+    "--app",
+    "app_path",
+    metavar="MODULE[:NAME]",
+    help="Run the function tasks of this kqueue.App (the one in MODULE, or MODULE:NAME), on its queue "
+    "unless --queue says otherwise; text tasks still go to --handler or the dots.",
+)
+@click.option(
+    "--handler", "handler_path", metavar="MODULE:FUNCTION", help="Run this callable with each text task's text."
+)
 @click.option(
     "--dot-seconds",
     type=click.FloatRange(min=0),
@@ -115,6 +125,7 @@ if TYPE_CHECKING:
 )
 @broker_options
 def work_main(
+    app_path: str | None,
     handler_path: str | None,
     dot_seconds: float,
     heartbeat: float,
@@ -135,6 +146,9 @@ def work_main(
 
     configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
     handler = _handler(handler_path, dot_seconds)
+    app = _app(app_path)
+    if app is not None:
+        queue_name, queue_type = _app_queue(app, queue_name, queue_type)
     settings = worker_settings(options)
     conn, queue = connect_queue(broker_url, queue_name, queue_type, heartbeat)
     conn.release()
@@ -145,7 +159,7 @@ def work_main(
     with ExitStack() as stack:
         base = Worker if quiet else _console_worker(Worker)
         worker_class = _metered(stack, base, queue.name, metrics_port, fleet_index, fleet_dir)
-        worker = worker_class(conn, queue, handler, settings)
+        worker = worker_class(conn, queue, handler, settings, tasks=app.tasks if app is not None else None)
         if fleet_index is None:
             click.echo(" [*] Waiting for messages. To exit press CTRL+C")
         else:  # a worker process of a fleet: its parent passes stops on, and may go away
@@ -250,13 +264,33 @@ def worker_settings(options: dict[str, Any]) -> WorkerSettings:
 def _handler(path: str | None, dot_seconds: float) -> Handler:
     if path is None:
         return dot_handler(dot_seconds)
-    # As with `python -m`, the user's own modules in the current folder import.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
         return load_handler(path)
     except KQueueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--handler'") from None
+
+
+def _app(path: str | None) -> App | None:
+    if path is None:
+        return None
+    try:
+        app = load_app(path)
+    except KQueueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--app'") from None
+    if not app.tasks:
+        raise click.BadParameter(f"app {path!r} registers no task", param_hint="'--app'")
+    return app
+
+
+def _app_queue(app: App, queue_name: str, queue_type: str) -> tuple[str, str]:
+    """The app's queue and queue type, where the command line and the environment name none."""
+    ctx = click.get_current_context()
+    given = {ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT}
+    if ctx.get_parameter_source("queue_name") not in given:
+        queue_name = app.queue.name
+    if ctx.get_parameter_source("queue_type") not in given:
+        queue_type = app.queue_type.value
+    return queue_name, queue_type
 
 
 def _console_worker(base: type) -> type:
@@ -264,7 +298,7 @@ def _console_worker(base: type) -> type:
         """Prints the tutorial's lines as each task starts and ends."""
 
         def on_task_start(self, task: Any) -> None:
-            _say(f" [x] Received {shown(task.text)}")
+            _say(f" [x] Received {shown(task.text, quoted=task.call is None)}")
 
         def on_task_done(self, task: Any) -> None:
             if task.error is None:

@@ -9,7 +9,9 @@ The parts, and how they keep the promises:
 - `store`: each transaction a short method with its SQL. A delivery is a claim:
   one ``UPDATE ... RETURNING`` sets the row's owner and counts the delivery;
   nothing is deleted until the ack. A requeue, a closed channel or connection
-  give the row back at once, in its place.
+  give the row back at once, in its place. A delayed message is a row of its
+  own table until it is due; the claim that finds it due moves it to the back
+  of its queue, and an idle consumer waits no longer than that.
 - `owners`: each connection that claims rows is an owner holding an exclusive
   ``flock`` on ``<db>.owners/<owner>.lock``. The kernel drops the lock when the
   process dies, however it dies; an idle consumer looks for owners whose lock
@@ -37,7 +39,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from kqueue.sqlite.failures import DatabaseBusy, DiskFull, FileReplaced, StoreUnavailable
 from kqueue.sqlite.options import Options, path_of
-from kqueue.sqlite.transport import Channel, Transport, queue_stats, wake_fd
+from kqueue.sqlite.transport import Channel, Transport, delayed_count, due_in, queue_stats, wake_fd
 
 __all__ = [
     "Channel",
@@ -47,6 +49,8 @@ __all__ = [
     "Options",
     "StoreUnavailable",
     "Transport",
+    "delayed_count",
+    "due_in",
     "path_of",
     "queue_stats",
     "wake_fd",

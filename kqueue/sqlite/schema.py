@@ -16,7 +16,8 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "connect", "prepare"]
 #: SQLite's header field for the application that owns a file: "kque" in ASCII.
 APPLICATION_ID = 0x6B717565
 #: 1: the tables below, before files carried kqueue's application id. 2: the id, and free pages given back.
-SCHEMA_VERSION = 2
+#: 3: delayed messages (`DELAYED`).
+SCHEMA_VERSION = 3
 #: How large the write-ahead log may stay once checkpointed (bytes); it grows past this only while needed.
 WAL_LIMIT = 4 << 20
 
@@ -50,6 +51,16 @@ CREATE TABLE bindings (
 );
 """
 _NAMES = {"queues", "messages", "consumers", "bindings"}
+#: Messages that may not be handed out before `ready_at` (Unix time): moved into `messages` once due.
+DELAYED = """
+CREATE TABLE IF NOT EXISTS delayed (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    ready_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delayed_due ON delayed (queue, ready_at);
+"""
 
 
 def connect(path: Path, options: Options, synchronous: str) -> sqlite3.Connection:
@@ -105,6 +116,8 @@ def _prepare(db: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
             for statement in TABLES.split(";"):
                 db.execute(statement)
         if kind != "current":
+            for statement in DELAYED.split(";"):
+                db.execute(statement)
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
@@ -133,7 +146,7 @@ def _to_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
 
 
 def _kind(db: sqlite3.Connection, path: Path) -> str:
-    """'current', 'new' (empty) or 'old' (kqueue's first schema); anything else is refused."""
+    """'current', 'new' (empty) or 'old' (an earlier kqueue schema); anything else is refused."""
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     app = db.execute("PRAGMA application_id").fetchone()[0]
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -147,7 +160,7 @@ def _kind(db: sqlite3.Connection, path: Path) -> str:
     if app == 0 and version == 0 and not tables:
         return "new"
     if app == 0 and version == 1 and tables == _NAMES:
-        return "old"
+        return "old"  # kqueue's first schema, before the application id
     shown = ", ".join(sorted(tables)) or "none"
     raise KQueueError(
         f"{path} is not a kqueue queue file (application_id {app}, user_version {version}, tables: {shown}); "

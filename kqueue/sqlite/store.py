@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -35,6 +36,9 @@ ACK_BATCH = 100
 VACUUM_PAGES = 256
 #: Rows a statement names by id at most (SQLite's limit on parameters is far above).
 CHUNK = 500
+#: Seconds between looks for the next delayed message of a queue while its consumer is busy;
+#: one that finds its queue empty looks at once. Another process's delayed sends wake it, too.
+DUE_LOOK = 0.2
 
 #: Connections to a file that was removed or replaced, kept open until the process exits (see `_keep_open`).
 _ABANDONED: list[sqlite3.Connection] = []
@@ -63,6 +67,9 @@ class Store:
         self._returned: list[int] = []
         self._episode = Episode(path)
         self._last_reap = self._last_look = 0.0
+        # Per queue: when its next delayed message is due (Unix time; inf: none), and when that was looked up.
+        self._next_due: dict[str, float] = {}
+        self._due_looked: dict[str, float] = {}
         prepare(path, options)
         self.durable = connect(path, options, "FULL")
         try:
@@ -102,8 +109,8 @@ class Store:
 
     # -- messages ------------------------------------------------------------------------
 
-    def insert(self, rows: Sequence[tuple[str, str]]) -> None:
-        """Commit `rows` (queue, payload) to disk, then wake the consumers.
+    def insert(self, rows: Sequence[tuple[str, str]], delayed: Sequence[tuple[str, str, float]] = ()) -> None:
+        """Commit `rows` (queue, payload) and `delayed` ones (queue, payload, ready at) to disk, then wake consumers.
 
         Raises:
             StoreUnavailable: nothing was committed.
@@ -111,6 +118,8 @@ class Store:
         """
         with self.transaction(self.durable, "publish") as db:
             db.executemany("INSERT INTO messages (queue, payload) VALUES (?, ?)", rows)
+            if delayed:
+                db.executemany("INSERT INTO delayed (queue, payload, ready_at) VALUES (?, ?, ?)", delayed)
         self.check_file(every=0)
         self.wakeups.notify()
 
@@ -132,12 +141,15 @@ class Store:
         try:
             with self.transaction(doing="fetch") as db:
                 self._write_pending(db, owner)
+                looked = self._move_due(db, queue, now)
                 if by_turn and self._not_my_turn(db, owner, queue, now):
                     rows = []
                 else:
                     rows = self._claim(db, owner, queue, limit)
                 if by_turn and rows:
                     self._to_the_back(db, owner, queue, now, waiting=len(rows) < limit)
+                if len(rows) < limit and not looked:  # about to wait: know how long for
+                    self._look_due(db, queue)
         except StoreUnavailable as exc:
             self._episode.failed(exc, self._waiting())
             return []
@@ -154,6 +166,31 @@ class Store:
             "RETURNING id, payload, deliveries",
             (owner, queue, limit),
         ).fetchall()
+
+    def _move_due(self, db: sqlite3.Connection, queue: str, now: float) -> bool:
+        """Move the delayed rows of `queue` that are due to the back of the queue, if any may be; whether it looked."""
+        due = self._next_due.get(queue, 0.0)
+        if due > now and time.monotonic() - self._due_looked.get(queue, 0.0) < DUE_LOOK:
+            return False
+        if due <= now:
+            moved = db.execute(
+                "INSERT INTO messages (queue, payload) "
+                "SELECT queue, payload FROM delayed WHERE queue = ? AND ready_at <= ? ORDER BY ready_at, id",
+                (queue, now),
+            ).rowcount
+            if moved:
+                db.execute("DELETE FROM delayed WHERE queue = ? AND ready_at <= ?", (queue, now))
+        self._look_due(db, queue)
+        return True
+
+    def _look_due(self, db: sqlite3.Connection, queue: str) -> None:
+        (due,) = db.execute("SELECT MIN(ready_at) FROM delayed WHERE queue = ?", (queue,)).fetchone()
+        self._next_due[queue] = math.inf if due is None else float(due)
+        self._due_looked[queue] = time.monotonic()
+
+    def due_in(self) -> float:
+        """Seconds until the next delayed message of a queue this store claims from is due (inf: none known)."""
+        return min(self._next_due.values(), default=math.inf) - time.time()
 
     @staticmethod
     def _not_my_turn(db: sqlite3.Connection, owner: str, queue: str, now: float) -> bool:

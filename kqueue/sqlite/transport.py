@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections import defaultdict, deque
@@ -16,12 +17,13 @@ from typing import Any
 from amqp.protocol import queue_declare_ok_t
 from kombu.transport import virtual
 
+from kqueue.delays import not_before_of
 from kqueue.errors import KQueueError
 from kqueue.sqlite.failures import FileReplaced, StoreUnavailable
 from kqueue.sqlite.options import Options, path_of
 from kqueue.sqlite.store import REAP_INTERVAL, Store
 
-__all__ = ["Channel", "Transport", "queue_stats", "wake_fd"]
+__all__ = ["Channel", "Transport", "delayed_count", "due_in", "queue_stats", "wake_fd"]
 
 log = logging.getLogger("kqueue.sqlite")
 
@@ -107,6 +109,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         self._claimed: dict[str, deque[tuple[int, str, int]]] = defaultdict(deque)
         self._confirming = False
         self._pending: list[tuple[str, str]] = []
+        self._pending_delayed: list[tuple[str, str, float]] = []
         self._published = 0
         self._confirmed = 0
         self._broken: KQueueError | None = None
@@ -122,16 +125,23 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if self._confirming:
             self._published += 1
         result = super().basic_publish(message, exchange, routing_key, **kwargs)
-        if self._confirming and len(self._pending) >= self.store.options.confirm_batch:
+        if self._confirming and len(self._pending) + len(self._pending_delayed) >= self.store.options.confirm_batch:
             self.flush()
         return result
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        row = (queue, json.dumps(message))
-        if self._confirming:
-            self._pending.append(row)
+        payload = json.dumps(message)
+        not_before = not_before_of(message)
+        if not_before is not None and not_before > time.time():
+            delayed = (queue, payload, not_before)
+            if self._confirming:
+                self._pending_delayed.append(delayed)
+            else:
+                self.store.insert((), [delayed])
+        elif self._confirming:
+            self._pending.append((queue, payload))
         else:
-            self.store.insert([row])
+            self.store.insert([(queue, payload)])
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
         for queue in {queue for _, _, queue in self.get_table(exchange)}:
@@ -149,13 +159,14 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if self._confirmed == self._published:
             return False
         last = self._published
-        if self._pending:
+        if self._pending or self._pending_delayed:
             try:
-                self.store.insert(self._pending)
+                self.store.insert(self._pending, self._pending_delayed)
             except KQueueError as exc:
                 self._broken = exc
                 raise
             self._pending = []
+            self._pending_delayed = []
         self._confirmed = last
         for callback in list(self.events["basic_ack"]):
             callback(last, True)
@@ -259,7 +270,8 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         with self.store.transaction(doing="delete") as db:
-            for table, column in (("messages", "queue"), ("queues", "name"), ("bindings", "queue")):
+            tables = (("messages", "queue"), ("delayed", "queue"), ("queues", "name"), ("bindings", "queue"))
+            for table, column in tables:
                 db.execute(f"DELETE FROM {table} WHERE {column} = ?", (queue,))
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
@@ -388,7 +400,14 @@ class Transport(virtual.Transport):  # type: ignore[misc]
             remaining = self.polling_interval if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError()
-            store.wait(min(remaining, self.polling_interval, store.retry_in() or self.polling_interval))
+            store.wait(
+                min(
+                    remaining,
+                    self.polling_interval,
+                    store.retry_in() or self.polling_interval,
+                    max(0.01, store.due_in()),
+                )
+            )
 
 
 # -- for kqueue's worker and `kqueue stat` -------------------------------------------
@@ -414,6 +433,18 @@ def wake_fd(conn: Any) -> int:
         KQueueError: `conn` is not a ``sqlite://`` connection.
     """
     return int(_store_of(conn).wake_socket().fileno())
+
+
+def due_in(conn: Any) -> float:
+    """Seconds until a delayed message of a queue `conn` consumes from is due, as far as it knows (inf: none)."""
+    store = conn.transport.store
+    return math.inf if store is None else store.due_in()
+
+
+def delayed_count(conn: Any, queue_name: str) -> int:
+    """Delayed messages of `queue_name`, not due yet or not yet moved into the queue."""
+    ((count,),) = _store_of(conn).query("SELECT COUNT(*) FROM delayed WHERE queue = ?", (queue_name,))
+    return int(count)
 
 
 def queue_stats(conn: Any, queue_name: str) -> tuple[int, int, int]:

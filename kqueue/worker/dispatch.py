@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kombu import Connection, Queue
@@ -21,7 +21,7 @@ from kqueue.worker.pool import Pool
 from kqueue.worker.qos import Prefetch
 from kqueue.worker.retries import HeldRetries
 from kqueue.worker.settings import WorkerSettings
-from kqueue.worker.task import Task, TaskState
+from kqueue.worker.task import Registered, Task, TaskState
 
 __all__ = ["Dispatcher"]
 
@@ -53,8 +53,14 @@ class Dispatcher:
         pool: Pool,
         queues: tuple[Queue, Queue],
         owner: Owner,
+        tasks: Mapping[str, Registered],
     ) -> None:
         self.settings = settings
+        self.tasks = tasks
+        #: Whether the broker keeps delays (`kqueue.delays.kept_by`), known once connected.
+        self.can_delay = False
+        #: Unix time the last retry this worker sent to the broker is due.
+        self.retries_due = 0.0
         self.lifecycle = lifecycle
         self.queue, self.dead_queue = queues
         self.tasks_acked = 0
@@ -95,13 +101,21 @@ class Dispatcher:
 
     def accept(self, message: Message) -> None:
         """Decide what to do with a delivery (`policy.route`), and do it."""
-        decision = policy.route(message, self.settings, now=time.time(), taking=self.lifecycle.taking)
+        decision = policy.route(
+            message,
+            self.settings,
+            now=time.time(),
+            taking=self.lifecycle.taking,
+            tasks=self.tasks,
+            can_delay=self.can_delay,
+        )
         if isinstance(decision, policy.GiveBack):
             self.ledger.give_back(message)
             return
         if isinstance(decision, (policy.Run, policy.Hold)):
             task = Task(
                 text=decision.text,
+                call=decision.call,
                 message=message,
                 ledger=self.ledger,
                 redelivered=decision.delivery.redelivered,
@@ -117,6 +131,12 @@ class Dispatcher:
         if isinstance(decision, policy.Recount):
             # This queue does not count deliveries: carry the count in a copy.
             self._republish(original, self.queue.name, decision.changes)
+        elif isinstance(decision, policy.Postpone):
+            log.debug(
+                "task came long before its time; back to the broker to wait",
+                extra=fields(queue=self.queue.name, due_in=f"{decision.due_in:.3f}"),
+            )
+            self._republish(original, self.queue.name, {})
         else:
             self._dead_letter(original, decision)
 
@@ -158,7 +178,8 @@ class Dispatcher:
 
     def _failed(self, task: Task) -> None:
         assert task.error is not None
-        decision = policy.on_failure(task.attempt, task.error, self.settings, now=time.time())
+        settings = self.settings if task.call is None else task.call.task.settings(self.settings)
+        decision = policy.on_failure(task.attempt, task.error, settings, now=time.time())
         if isinstance(decision, policy.DeadLetter):
             self._dead_letter(task, decision)
             return
@@ -169,6 +190,7 @@ class Dispatcher:
             exc_info=_traceback(task.error),
         )
         self._republish(task, self.queue.name, decision.changes)
+        self.retries_due = max(self.retries_due, time.time() + decision.delay)
         self._owner.on_retry(task, decision.delay)
 
     def _dead_letter(self, task: Task, decision: policy.DeadLetter) -> None:

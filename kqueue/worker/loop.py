@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +16,7 @@ from kombu.mixins import ConsumerMixin
 
 from kqueue import message as wire
 from kqueue.brokers import is_amqp, next_node, node_count, read_ahead, where
+from kqueue.delays import kept_by
 from kqueue.errors import PublishFailed, describe, queue_mismatch
 from kqueue.handlers import Handler
 from kqueue.logs import fields
@@ -29,6 +30,7 @@ from kqueue.worker.pool import Pool
 from kqueue.worker.qos import Prefetch
 from kqueue.worker.reconnect import Backoff, report_loss
 from kqueue.worker.settings import WorkerSettings
+from kqueue.worker.task import Registered
 from kqueue.worker.waiting import Waiter, waiter_for
 
 __all__ = ["Worker"]
@@ -52,8 +54,11 @@ class Worker(ConsumerMixin, Hooks):
     Parameters:
         connection: where to consume; the worker reconnects it when it drops.
         queue: the task queue (see `kqueue.queues.task_queue`).
-        handler: called with each task's text.
+        handler: called with each text task's text; a coroutine it returns is
+            run to its end (`kqueue.worker.aio`).
         settings: concurrency, prefetch, retries and stopping rules.
+        tasks: the function tasks this worker runs, by name (`kqueue.App.tasks`);
+            a function task of another name is dead-lettered (``unknown-task``).
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class Worker(ConsumerMixin, Hooks):
         queue: Queue,
         handler: Handler,
         settings: WorkerSettings | None = None,
+        *,
+        tasks: Mapping[str, Registered] | None = None,
     ) -> None:
         self.connection = connection
         self.should_stop = False
@@ -70,7 +77,9 @@ class Worker(ConsumerMixin, Hooks):
         self.lifecycle = Lifecycle(self.settings)
         self._mailbox = Mailbox()
         self._pool = Pool(self.settings.concurrency, handler, self._mailbox, self.on_task_start, self.on_task_done)
-        self.dispatcher = Dispatcher(self.settings, self.lifecycle, self._pool, (queue, dead_letter_queue(queue)), self)
+        self.dispatcher = Dispatcher(
+            self.settings, self.lifecycle, self._pool, (queue, dead_letter_queue(queue)), self, tasks or {}
+        )
         # Held by the connection thread except while it waits in select(): a
         # handler thread that gets it may ack its own task on the idle connection.
         self._io = threading.Lock()
@@ -111,8 +120,15 @@ class Worker(ConsumerMixin, Hooks):
 
     @property
     def busy(self) -> bool:
-        """Whether any task is running, waiting to run, waiting for its retry or for its copy's confirm."""
-        return bool(self._arrivals) or self.dispatcher.busy
+        """Whether any task is running, waiting to run, waiting for its retry or for its copy's confirm.
+
+        A retry this worker sent waits in the broker; until it is due, the worker
+        counts it as its own, so that a burst does not end before it.
+        """
+        return bool(self._arrivals) or self.dispatcher.busy or self._retries_pending()
+
+    def _retries_pending(self) -> bool:
+        return time.time() < self.dispatcher.retries_due
 
     def stop_taking(self) -> None:
         """The quota is reached: cancel the consumer; tasks already here still run."""
@@ -154,6 +170,7 @@ class Worker(ConsumerMixin, Hooks):
         if is_amqp(connection):
             read_ahead(connection)
         self._waiter = waiter_for(connection, self._mailbox, self._io, lambda: self.dispatcher.copies_sock)
+        self.dispatcher.can_delay = kept_by(connection)
         self._consuming = True
         facts = fields(queue=self.queue.name, broker=self._where, prefetch=self.settings.prefetch_count)
         log.info("consuming", extra=facts)

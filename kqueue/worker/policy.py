@@ -6,6 +6,7 @@ and returns what to do, so a unit test can call it directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,8 +14,13 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from kqueue import message as wire
 from kqueue.worker.settings import WorkerSettings
+from kqueue.worker.task import Call, Registered
 
-__all__ = ["DeadLetter", "GiveBack", "Hold", "Recount", "Retry", "Run", "on_failure", "route"]
+__all__ = ["DeadLetter", "GiveBack", "Hold", "Postpone", "Recount", "Retry", "Run", "on_failure", "route"]
+
+#: Seconds early at most that a worker holds a task handed to it before its time; earlier
+#: than that, it sends it back to the broker to wait (a held task is an unacked delivery).
+HOLD_AT_MOST = 1.0
 
 
 class Received(Protocol):
@@ -22,6 +28,7 @@ class Received(Protocol):
 
     headers: Any
     delivery_info: Any
+    body: Any
 
     def decode(self) -> Any: ...
 
@@ -32,14 +39,23 @@ class Run:
 
     text: str
     delivery: wire.Delivery
+    call: Call | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A retry that came early: keep it, unacked, until `due_in` seconds from now."""
+    """A task that came a moment early: keep it, unacked, until `due_in` seconds from now."""
 
     text: str
     delivery: wire.Delivery
+    due_in: float
+    call: Call | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Postpone:
+    """A task that came long before its time (a broker that keeps no delays): send it back to wait, then ack."""
+
     due_in: float
 
 
@@ -65,6 +81,7 @@ class DeadLetter:
             wire.ORIGIN: origin,
             wire.ATTEMPT: self.attempt,
             wire.RETRY_AT: None,
+            wire.NOT_BEFORE: None,
         }
 
 
@@ -82,17 +99,30 @@ class Retry:
     changes: dict[str, Any]
 
 
-Decision = Run | Hold | Recount | DeadLetter | GiveBack
+Decision = Run | Hold | Postpone | Recount | DeadLetter | GiveBack
+
+_NONE: Mapping[str, Registered] = {}
 
 
-def route(message: Received, settings: WorkerSettings, *, now: float, taking: bool) -> Decision:
+def route(
+    message: Received,
+    settings: WorkerSettings,
+    *,
+    now: float,
+    taking: bool,
+    tasks: Mapping[str, Registered] = _NONE,
+    can_delay: bool = False,
+) -> Decision:
     """What to do with a message just delivered.
 
     Parameters:
         message: the delivery.
         settings: the worker's delivery limit.
-        now: Unix time, to compare with a retry's time.
+        now: Unix time, to compare with the time before which it must not run.
         taking: whether the worker still takes tasks.
+        tasks: the function tasks this worker runs, by name.
+        can_delay: whether the broker keeps delays (`kqueue.delays`), so that a
+            task handed out long before its time can be sent back to wait.
     """
     if not taking:
         return GiveBack()
@@ -102,13 +132,27 @@ def route(message: Received, settings: WorkerSettings, *, now: float, taking: bo
         return DeadLetter("delivery-limit", error, delivery.attempt)
     if delivery.uncounted:
         return Recount({wire.DELIVERIES: delivery.number - 1, wire.REDELIVERED: True})
+    call = None
     try:
-        text = wire.decode_task(message)  # type: ignore[arg-type]
-    except (ContentDisallowed, DecodeError, UnicodeDecodeError) as exc:
+        name = message.headers.get(wire.TASK) if message.headers else None
+        if name is None:
+            text = wire.decode_task(message)  # type: ignore[arg-type]
+        else:
+            task = tasks.get(name)
+            if task is None:
+                error = f"unknown task {name!r}: this worker registers no task of that name"
+                return DeadLetter("unknown-task", error, delivery.attempt)
+            args, kwargs = wire.decode_call(message)  # type: ignore[arg-type]
+            call = Call(task, args, kwargs)
+            text = call.describe()
+    except (ContentDisallowed, DecodeError, UnicodeDecodeError, ValueError) as exc:
         return DeadLetter("undecodable", f"{type(exc).__name__}: {exc}", delivery.attempt)
     if delivery.retry_at is not None and delivery.retry_at > now:
-        return Hold(text, delivery, delivery.retry_at - now)
-    return Run(text, delivery)
+        due_in = delivery.retry_at - now
+        if can_delay and due_in > HOLD_AT_MOST:
+            return Postpone(due_in)
+        return Hold(text, delivery, due_in, call)
+    return Run(text, delivery, call)
 
 
 def on_failure(attempt: int, error: BaseException, settings: WorkerSettings, *, now: float) -> Retry | DeadLetter:
@@ -119,7 +163,8 @@ def on_failure(attempt: int, error: BaseException, settings: WorkerSettings, *, 
     delay = settings.retry_delay_after(attempt)
     changes = {
         wire.ATTEMPT: attempt + 1,
-        wire.RETRY_AT: now + delay,
+        wire.NOT_BEFORE: now + delay,
+        wire.RETRY_AT: None,
         wire.DELIVERIES: None,
         wire.REDELIVERED: None,
     }

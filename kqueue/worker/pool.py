@@ -9,8 +9,9 @@ from collections.abc import Callable
 from queue import SimpleQueue
 
 from kqueue.handlers import Handler
+from kqueue.worker.aio import EventLoop
 from kqueue.worker.mailbox import Mailbox
-from kqueue.worker.task import Task
+from kqueue.worker.task import Task, run_handler
 
 __all__ = ["Pool"]
 
@@ -20,13 +21,15 @@ Hook = Callable[[Task], None]
 class Pool:
     """Daemon threads that run handlers, so a hard stop does not wait for a handler.
 
+    A handler (or function task) that returns a coroutine has it run to its
+    end on the pool's event loop (`kqueue.worker.aio`) while its thread waits.
     Each finished task goes back to the connection thread through the
     mailbox. A task that succeeded is first offered to its ledger for an early
     ack, which the ledger sends only if it can take the connection at once.
 
     Parameters:
         size: threads, the worker's concurrency.
-        handler: called with each task's text.
+        handler: called with each text task's text; function tasks carry their own call.
         mailbox: where finished tasks go.
         on_start, on_done: the worker's hooks, called on the handler's thread.
     """
@@ -41,6 +44,7 @@ class Pool:
         self._size = 0
         self._surplus = 0
         self._names = itertools.count()
+        self._coroutines = EventLoop()
         self._start(size)
 
     def _start(self, count: int) -> None:
@@ -77,6 +81,7 @@ class Pool:
             count = self._size
         for _ in range(count):
             self._jobs.put(None)
+        self._coroutines.close()
 
     def _loop(self) -> None:
         while (task := self._jobs.get()) is not None:
@@ -95,7 +100,10 @@ class Pool:
         task.started = time.monotonic()
         try:
             self._on_start(task)
-            self._handler(task.text)
+            if task.call is None:
+                run_handler(self._handler(task.text), self._coroutines)
+            else:
+                task.call.run(self._coroutines)
         except BaseException as exc:  # noqa: BLE001 - any failure of the handler is the task's
             task.error = exc
         task.duration = time.monotonic() - task.started

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kombu.message import Message
 
@@ -13,8 +15,9 @@ from kqueue.logs import fields
 
 if TYPE_CHECKING:
     from kqueue.worker.acks import Ledger
+    from kqueue.worker.settings import WorkerSettings
 
-__all__ = ["Task", "TaskState"]
+__all__ = ["Call", "Registered", "Task", "TaskState", "run_handler"]
 
 # One lock for every task's state: the two threads race only over "start it"
 # against "cancel it", and each side holds it for one comparison.
@@ -30,12 +33,54 @@ class TaskState(Enum):
     CANCELLED = "cancelled"
 
 
+class Registered(Protocol):
+    """A function task as the worker knows it (`kqueue.app.FunctionTask`)."""
+
+    name: str
+    fn: Callable[..., Any]
+
+    def settings(self, base: WorkerSettings) -> WorkerSettings:
+        """The worker's settings with this task's own retries."""
+        ...
+
+
+class Runner(Protocol):
+    """Where coroutines run: `kqueue.worker.aio.EventLoop`."""
+
+    def run(self, awaitable: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A function task's call, decoded: what its handler thread runs."""
+
+    task: Registered
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+    def run(self, loop: Runner) -> None:
+        run_handler(self.task.fn(*self.args, **self.kwargs), loop)
+
+    def describe(self) -> str:
+        """``resize('a.jpg', width=300)``: the call as the tools print it."""
+        from kqueue.message import describe_call
+
+        return describe_call(self.task.name, self.args, self.kwargs)
+
+
+def run_handler(result: Any, loop: Runner) -> None:
+    """A handler's result: an awaitable (an ``async def`` handler's coroutine) is run to its end on `loop`."""
+    if result is not None and inspect.isawaitable(result):
+        loop.run(result)
+
+
 @dataclass(eq=False, kw_only=True)
 class Task:
     """A task as the worker holds it.
 
     Attributes:
-        text: what the handler is called with.
+        text: what the handler is called with; for a function task, the call as the tools print it.
+        call: a function task's call, or None for a text task.
         message: the Kombu message it came in.
         ledger: the ack ledger of the channel it came on; its acks go nowhere else.
         redelivered: the broker handed it out before.
@@ -46,6 +91,7 @@ class Task:
     """
 
     text: str
+    call: Call | None = None
     message: Message = field(repr=False)
     ledger: Ledger = field(repr=False)
     redelivered: bool = False

@@ -48,13 +48,16 @@ class Waiter:
 class WokenWaiter(Waiter):
     """A transport that says when a task may be ready (``sqlite://``): select on its descriptor and the mailbox."""
 
-    def __init__(self, conn: Connection, mailbox: Mailbox, fd: int) -> None:
+    def __init__(self, conn: Connection, mailbox: Mailbox, fd: int, due_in: Callable[[], float]) -> None:
         super().__init__(conn, mailbox)
         self.fd = fd
+        self.due_in = due_in
 
     def wait(self, timeout: float, *, room: int) -> bool:
         if room <= 0:
             return self.pause(timeout)
+        # A delayed task that comes due wakes nobody: wait no longer than until then.
+        timeout = min(timeout, max(0.01, self.due_in()))
         ready, _, _ = select.select([self.fd, self.mailbox.fd], [], [], timeout)
         if self.mailbox.fd in ready:
             self.mailbox.clear()
@@ -110,7 +113,7 @@ def waiter_for(conn: Connection, mailbox: Mailbox, io: threading.Lock, copies: C
     if is_amqp(conn):
         return AmqpWaiter(conn, mailbox, io, copies)
     if conn.transport.driver_type == "sqlite":
-        from kqueue.sqlite import wake_fd
+        from kqueue.sqlite import due_in, wake_fd
 
-        return WokenWaiter(conn, mailbox, wake_fd(conn))
+        return WokenWaiter(conn, mailbox, wake_fd(conn), lambda: due_in(conn))
     return Waiter(conn, mailbox)
