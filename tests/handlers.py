@@ -65,3 +65,21 @@ def record_pid(text: str) -> None:
     note("start")
     time.sleep(text.count(".") * 0.1)
     note("done")
+
+
+def stamp(text: str) -> None:
+    """Print 'ran TEXT AT', AT the Unix time it started: for checking when delayed tasks run."""
+    import time
+
+    print(f"ran {text} {time.time():.6f}", flush=True)
+
+
+def fail_first(text: str) -> None:
+    """Fail a task the first time this folder of markers ($KQUEUE_TEST_MARKERS) sees it; do it after."""
+    import os
+    from pathlib import Path
+
+    marker = Path(os.environ["KQUEUE_TEST_MARKERS"]) / text
+    if not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"first try of {text!r}")

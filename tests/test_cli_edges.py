@@ -249,3 +249,57 @@ def test_kqueue_alone_prints_its_help() -> None:
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith("Usage: kqueue [OPTIONS] [COMMAND] [ARGS]...")
     assert "stat" in result.stdout and "purge" in result.stdout
+
+
+# -- function tasks and delays ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "app", "words"),
+    [
+        ({"jobs.py": "import kqueue\nsettings = {}\nx = settings['x']\n"}, "jobs", "app module 'jobs' does not import"),
+        ({"jobs.py": "VALUE = 1\n"}, "jobs", "should hold one kqueue.App, and holds none"),
+        (
+            {"jobs.py": "import kqueue\na = kqueue.App()\nb = kqueue.App()\n"},
+            "jobs",
+            "holds 2 of them (a, b): name it (jobs:NAME)",
+        ),
+        ({"jobs.py": "VALUE = 1\n"}, "jobs:VALUE", "is a int, not a kqueue.App"),
+        ({"jobs.py": "import kqueue\napp = kqueue.App()\n"}, "jobs", "registers no task"),
+    ],
+)
+def test_an_app_that_cannot_be_run_is_one_line(tmp_path: Path, files: dict[str, str], app: str, words: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+
+    line = one_line(run("kqueue-work", "--broker", f"sqlite:///{tmp_path / 'q.db'}", "--app", app, cwd=tmp_path), 2)
+
+    assert "--app" in line and words in line
+
+
+def test_an_apps_worker_takes_the_apps_queue_unless_told_another(tmp_path: Path) -> None:
+    (tmp_path / "jobs.py").write_text("import kqueue\napp = kqueue.App(queue='jobs')\napp.task(print, name='say')\n")
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    with Connection(url) as conn, Sender(conn, task_queue("jobs")) as sender:
+        sender.send("a text task on the apps queue")
+
+    worked = run("kqueue-work", "--broker", url, "--app", "jobs", "--burst", "--dot-seconds", "0", cwd=tmp_path)
+
+    assert worked.returncode == 0, worked.stderr
+    assert " [x] Received 'a text task on the apps queue'" in worked.stdout
+    assert "queue=jobs" in worked.stderr
+
+
+@pytest.mark.parametrize(
+    ("delay", "words"),
+    [
+        ("-1", "a delay cannot be negative"),
+        ("5e9", "longer than the longest kqueue keeps"),
+        ("soon", "is not a valid float"),
+        ("nan", "a delay is a number of seconds"),
+    ],
+)
+def test_a_delay_out_of_range_is_bad_usage(url: str, delay: str, words: str) -> None:
+    line = one_line(run("kqueue-send", "--broker", url, "--delay", delay, "hi"), 2)
+
+    assert "--delay" in line and words in line

@@ -10,7 +10,7 @@ from typing import IO, Any
 import click
 
 from kqueue.cli.common import CONTEXT, Command, broker_options, connect_queue, plural, shown
-from kqueue.delays import LONGEST
+from kqueue.delays import check_delay
 from kqueue.errors import KQueueError, PublishFailed
 from kqueue.logs import configure
 
@@ -36,8 +36,9 @@ _BOM = "\ufeff"
 )
 @click.option(
     "--delay",
-    type=click.FloatRange(min=0, max=LONGEST),
+    type=float,
     default=0.0,
+    callback=lambda ctx, param, value: _delay(value),
     metavar="SECONDS",
     help="Run no earlier than SECONDS from now; the broker keeps the task meanwhile (up to 49 days).",
 )
@@ -92,6 +93,13 @@ def send_main(
             click.echo(f" [x] Sent {shown(texts[0])}{_when(delay)}")
             return
         _send_file(sender, queue, texts, skip, delay)
+
+
+def _delay(seconds: float) -> float:
+    try:
+        return check_delay(seconds)
+    except KQueueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _when(delay: float) -> str:

@@ -15,7 +15,8 @@ exchanges for classic queues (``kqueue.delay.classic.00`` to ``.31``), the
 same again for quorum queues if any are used, and one binding per task
 queue. Quorum task queues get a chain of quorum queues that dead-letter
 at least once (``x-dead-letter-strategy``), so a delayed task is replicated
-while it waits, as the queue it is bound for.
+while it waits, as the queue it is bound for. A task whose queue was deleted
+while it waited goes to `UNROUTABLE`, a queue of its own, rather than nowhere.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from kombu import Connection, Queue
 from kqueue.errors import KQueueError
 from kqueue.queues import declaring, is_quorum
 
-__all__ = ["LEVELS", "READY", "count", "declare", "level_name", "route"]
+__all__ = ["LEVELS", "READY", "UNROUTABLE", "count", "declare", "level_name", "route"]
 
 #: Queues in a chain: delays up to 2^32 - 1 ms.
 LEVELS = 32
 #: The exchange at the end of every chain, which routes a due message to its task queue.
 READY = "kqueue.delay.ready"
+#: Where `READY` sends a due message whose queue is gone (deleted while it waited), rather than drop it:
+#: an exchange and a classic queue of that name.
+UNROUTABLE = "kqueue.delay.unroutable"
 
 
 def _kind(queue: Queue) -> str:
@@ -70,7 +74,11 @@ def declare(conn: Connection, queue: Queue) -> None:
     kind = _kind(queue)
     if not _made(conn, kind):
         with declaring(conn) as channel:
-            channel.exchange_declare(READY, "topic", durable=True, auto_delete=False)
+            channel.exchange_declare(UNROUTABLE, "fanout", durable=True, auto_delete=False)
+            channel.queue_declare(UNROUTABLE, durable=True, auto_delete=False)
+            channel.queue_bind(UNROUTABLE, UNROUTABLE, "")
+            ready = {"alternate-exchange": UNROUTABLE}
+            channel.exchange_declare(READY, "topic", durable=True, auto_delete=False, arguments=ready)
             for level in range(LEVELS):
                 _declare_level(channel, kind, level)
     with declaring(conn) as channel:
