@@ -47,7 +47,7 @@ NOT_BEFORE = "x-kqueue-not-before"
 Brokers that keep delays hold the message until then; a worker handed it
 early holds or delays it again."""
 RETRY_AT = "x-kqueue-retry-at"
-"""The same as `NOT_BEFORE`, as kqueue 0.1's retries wrote it: still read."""
+"""`NOT_BEFORE` by its former name: still read, no longer written."""
 TASK = "x-kqueue-task"
 """On a function task: the name it is registered under. The body is JSON,
 ``{"args": [...], "kwargs": {...}}``."""

@@ -35,6 +35,10 @@ from kqueue.worker.waiting import Waiter, waiter_for
 
 __all__ = ["Worker"]
 
+#: Seconds after a retry is due by which its broker has it in the queue again: Redis's consumers
+#: look for due tasks every 0.25 s, sqlite's as they claim; RabbitMQ's chain moves it at once.
+RETRY_MOVED_WITHIN = 1.0
+
 log = logging.getLogger("kqueue.worker")
 
 
@@ -128,7 +132,7 @@ class Worker(ConsumerMixin, Hooks):
         return bool(self._arrivals) or self.dispatcher.busy or self._retries_pending()
 
     def _retries_pending(self) -> bool:
-        return time.time() < self.dispatcher.retries_due
+        return time.time() < self.dispatcher.retries_due + RETRY_MOVED_WITHIN
 
     def stop_taking(self) -> None:
         """The quota is reached: cancel the consumer; tasks already here still run."""
