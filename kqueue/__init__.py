@@ -27,16 +27,16 @@ __version__ = "0.1.0"
 # imported; the module itself loads only when such a URL is used.
 TRANSPORT_ALIASES.setdefault("sqlite", "kqueue.sqlite:Transport")
 
-__all__ = ["App", "FunctionTask", "__version__"]
+__all__ = ["App", "Args", "FunctionTask", "__version__"]
 
 if TYPE_CHECKING:
-    from kqueue.app import App, FunctionTask
+    from kqueue.app import App, Args, FunctionTask
 
 
 def __getattr__(name: str) -> Any:
     # `App` loads Kombu's connection machinery: only when it is asked for, so
     # that ``import kqueue`` (every tool and worker process does) stays light.
-    if name in ("App", "FunctionTask"):
+    if name in ("App", "Args", "FunctionTask"):
         from kqueue import app
 
         return getattr(app, name)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from functools import update_wrapper
+from types import MappingProxyType
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from kombu import Connection
@@ -37,7 +39,7 @@ from kqueue.producer import Outgoing, Sender
 from kqueue.queues import DEFAULT_QUEUE, QueueType, task_queue
 from kqueue.worker.settings import WorkerSettings
 
-__all__ = ["App", "FunctionTask", "NotJSON"]
+__all__ = ["App", "Args", "FunctionTask", "NotJSON"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -197,8 +199,8 @@ class FunctionTask(Generic[P, R]):
         self._signature = inspect.signature(fn)
         # Where the function takes a `delay` or an `at` of its own, `send` passes them on to it.
         self._own = {"delay", "at"} & set(self._signature.parameters)
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        self._positional = [p.name for p in self._signature.parameters.values() if p.kind in positional]
+        self._positional, self._arity = _positional(self._signature)
+        self._headers = MappingProxyType({wire.TASK: name})
         WorkerSettings(max_retries=max_retries or 0, retry_delay=retry_delay or 0).validate()
         update_wrapper(self, fn)  # type: ignore[arg-type]
 
@@ -248,28 +250,23 @@ class FunctionTask(Generic[P, R]):
         """
         self.app.publish([self.message(args, kwargs, delay=delay, at=at)], self.queue)
 
-    def send_many(
-        self,
-        calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]],
-        *,
-        delay: float | None = None,
-    ) -> int:
+    def send_many(self, calls: Iterable[Sequence[Any] | Args], *, delay: float | None = None) -> int:
         """Send many calls, their confirms pipelined; return how many the broker confirmed.
 
         Parameters:
-            calls: each an argument list (``("a.jpg", 300)``), or a pair of an
-                argument list and a keyword dict (``(("a.jpg",), {"width": 300})``).
+            calls: each the call's positional arguments (``("a.jpg", 300)``), or an `Args`
+                for keyword arguments too (``Args("a.jpg", width=300)``).
             delay: seconds before each may run.
 
         Raises:
-            NotJSON: a call whose arguments JSON cannot carry, before any is sent after it.
+            NotJSON: a call whose arguments JSON cannot carry; those before it are sent.
             PublishFailed: not every one was confirmed; its `confirmed` says how many were.
         """
 
         def messages() -> Iterable[Outgoing]:
             for call in calls:
-                if len(call) == 2 and isinstance(call[1], Mapping) and isinstance(call[0], (list, tuple)):
-                    yield self.message(call[0], call[1], delay=delay)
+                if isinstance(call, Args):
+                    yield self.message(call.args, call.kwargs, delay=delay)
                 else:
                     yield self.message(call, None, delay=delay)
 
@@ -288,18 +285,21 @@ class FunctionTask(Generic[P, R]):
         Raises:
             NotJSON: an argument that JSON cannot carry, or arguments the function does not take.
         """
-        kwargs = dict(kwargs or {})
-        try:
-            self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise NotJSON(f"task {self.name!r}: {exc}") from None
-        for where, value in self._arguments(args, kwargs):
-            _check_json(value, where, self.name)
-        headers: dict[str, Any] = {wire.TASK: self.name}
+        kwargs = dict(kwargs) if kwargs else {}
+        low, high = self._arity
+        if kwargs or not low <= len(args) <= high:  # else the count of positional arguments is all there is to check
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise NotJSON(f"task {self.name!r}: {exc}") from None
+        if not (_json_ok(args) and _json_ok(kwargs)):
+            for where, value in self._arguments(args, kwargs):
+                _check_json(value, where, self.name)
+        body = _ENCODE({"args": args if isinstance(args, list) else list(args), "kwargs": kwargs}).encode("utf-8")
+        if delay is None and at is None:
+            return Outgoing(body, self.queue, "application/json", "utf-8", self._headers)
         not_before = _not_before(delay, at)
-        if not_before is not None:
-            headers[wire.NOT_BEFORE] = not_before
-        body = wire.encode_call(list(args), kwargs)
+        headers = {**self._headers, wire.NOT_BEFORE: not_before} if not_before is not None else self._headers
         return Outgoing(body, self.queue, "application/json", "utf-8", headers, not_before=not_before)
 
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
@@ -311,6 +311,49 @@ class FunctionTask(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<kqueue task {self.name!r} of {self.fn.__module__}>"
+
+
+class Args:
+    """A call's positional and keyword arguments, for `FunctionTask.send_many`: ``Args("a.jpg", width=300)``."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        return f"Args{(*self.args, *(f'{k}={v!r}' for k, v in self.kwargs.items()))!r}"
+
+
+#: Compact JSON, UTF-8 as it is: one encoder for every call (json.dumps makes one per call when given options).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _positional(signature: inspect.Signature) -> tuple[list[str], tuple[float, float]]:
+    """The names of a function's positional parameters, and how many positional arguments it takes at least and
+    at most, where a call with no keyword arguments needs no other check (else ``(inf, -inf)``: bind it)."""
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return [p.name for p in positional], (math.inf, -math.inf)
+    low = sum(p.default is p.empty for p in positional)
+    high = math.inf if any(p.kind is p.VAR_POSITIONAL for p in params) else len(positional)
+    return [p.name for p in positional], (low, high)
+
+
+def _json_ok(value: Any) -> bool:
+    """Whether JSON carries `value` as it is (the quick check; `_check_json` says what is wrong)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list or kind is tuple:
+        return all(_json_ok(item) for item in value)
+    if kind is dict:
+        return all(type(key) is str and _json_ok(item) for key, item in value.items())
+    return False  # a subclass, or another type: `_check_json` decides
 
 
 def _not_before(delay: float | None, at: datetime | None) -> float | None:

@@ -74,7 +74,11 @@ def decode_call(message: Message) -> tuple[list[Any], dict[str, Any]]:
         kombu.exceptions.DecodeError: a body that is not what its type says.
         ValueError: JSON that is not ``{"args": [...], "kwargs": {...}}``.
     """
-    payload = message.decode()
+    if message.content_type == "application/json":  # as Kombu's decode would, without its registry's lookups
+        body = message.body
+        payload = json.loads(body if isinstance(body, (bytes, str)) else bytes(body))
+    else:
+        payload = message.decode()
     if not isinstance(payload, dict):
         raise ValueError(
             f'a function task\'s body is a JSON object {{"args": [...], "kwargs": {{...}}}}, not {payload!r:.80}'
@@ -87,8 +91,11 @@ def decode_call(message: Message) -> tuple[list[Any], dict[str, Any]]:
 
 def describe_call(name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
     """``resize('a.jpg', width=300)``: a function task's call as the tools print it."""
-    shown = [repr(arg) for arg in args] + [f"{key}={value!r}" for key, value in kwargs.items()]
-    return f"{name}({', '.join(shown)})"
+    shown = ", ".join(map(repr, args))
+    if kwargs:
+        named = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+        shown = f"{shown}, {named}" if shown else named
+    return f"{name}({shown})"
 
 
 def headers_of(message: Message) -> dict[str, Any]:
@@ -136,7 +143,7 @@ class Delivery:
         """Read what one delivered message says about itself."""
         headers = message.headers or {}
         flagged = bool(message.delivery_info.get("redelivered"))
-        if not headers:  # the common case: a fresh task from kqueue-send or any AMQP client
+        if not headers or (len(headers) == 1 and TASK in headers):  # the common case: a fresh task
             return cls(flagged, 2 if flagged else 1, flagged, 1, None)
         uncounted = flagged and QUORUM_DELIVERY_COUNT not in headers
         number = int(headers.get(DELIVERIES, 0)) + int(headers.get(QUORUM_DELIVERY_COUNT, 0)) + 1 + uncounted
@@ -150,8 +157,10 @@ class Delivery:
         )
 
 
-#: Headers RabbitMQ adds as a message passes through its delay queues (dead-lettering): not carried into a copy.
+#: Headers of a message's way through RabbitMQ's delay queues (the CC key it is routed by, what dead-lettering
+#: adds): not carried into a copy.
 _BROKERS_OWN = (
+    "CC",
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",

@@ -15,7 +15,7 @@ from kombu import Connection, Exchange, Producer
 import kqueue
 from kqueue import message as wire
 from kqueue.admin import dead_letters, retry_dead
-from kqueue.app import NotJSON
+from kqueue.app import Args, NotJSON
 from kqueue.brokers import connect
 from kqueue.delays import LONGEST
 from kqueue.errors import KQueueError
@@ -128,7 +128,7 @@ def test_a_batch_of_calls_is_sent_with_its_confirms_pipelined(app: kqueue.App) -
     def add(a: int, b: int = 0) -> None: ...
 
     queue = MemoryQueue(app=app)
-    sent = add.send_many([(1, 2), ((3,), {"b": 4}), [5]])
+    sent = add.send_many([(1, 2), Args(3, b=4), [5]])
 
     assert sent == 3
     assert queue.work() == ["add(1, 2)", "add(3, b=4)", "add(5)"]
