@@ -289,22 +289,25 @@ class Sender:
         # without its per-message serializer, compression and declare checks:
         # an Outgoing is already bytes with its content type.
         channel = self._channel
-        exchange, routing_key = "", message.routing_key
+        routing_key = message.routing_key
+        headers = dict(message.headers) if message.headers else None
         if message.not_before is not None and self._amqp:
-            # RabbitMQ keeps delays in a chain of queues: route through it (the other brokers read the header).
+            # RabbitMQ keeps delays in a chain of queues: into it, routed on by a CC key (the
+            # other brokers read the header).
             due_in = message.not_before - time.time()
             if due_in > 0:
-                exchange, routing_key = delays_amqp.route(self._queues[routing_key], due_in)
+                routing_key, chain_key = delays_amqp.route(self._queues[routing_key], due_in)
+                headers = {**(headers or {}), "CC": [chain_key]}
         channel.basic_publish(
             channel.prepare_message(
                 message.body,
                 None,
                 message.content_type,
                 message.content_encoding,
-                dict(message.headers) if message.headers else None,
+                headers,
                 {"delivery_mode": PERSISTENT},
             ),
-            exchange=exchange,
+            exchange="",
             routing_key=routing_key,
             mandatory=self._confirms,
         )
