@@ -52,12 +52,15 @@ class WokenWaiter(Waiter):
         super().__init__(conn, mailbox)
         self.fd = fd
         self.due_in = due_in
+        self.looked = False
 
     def wait(self, timeout: float, *, room: int) -> bool:
         if room <= 0:
             return self.pause(timeout)
-        # A delayed task that comes due wakes nobody: wait no longer than until then.
-        timeout = min(timeout, max(0.01, self.due_in()))
+        # A delayed task that comes due wakes nobody: wait no longer than until then. Nor does a
+        # task sent before this consumer started: look at once, the first time.
+        timeout = min(timeout, max(0.01, self.due_in())) if self.looked else 0.0
+        self.looked = True
         ready, _, _ = select.select([self.fd, self.mailbox.fd], [], [], timeout)
         if self.mailbox.fd in ready:
             self.mailbox.clear()

@@ -81,3 +81,33 @@ def test_every_task_is_acked_once_whether_its_handler_thread_or_the_connection_t
     assert sorted(ran, key=int) == [str(i) for i in range(total)]  # each exactly once: none acked twice
     assert worker.tasks_acked == total
     assert [record.getMessage() for record in caplog.records] == []
+
+
+def test_a_worker_started_on_a_waiting_task_takes_it_at_once(broker_queue: tuple[str, object]) -> None:
+    import subprocess
+    import time
+
+    from .procs import ROOT, tool
+
+    url, queue = broker_queue
+    name = queue.name  # type: ignore[attr-defined]
+    # Given a task waiting in the queue before any worker runs
+    assert run_send(url, name, "waiting").returncode == 0
+
+    # When a worker starts
+    stamps = {}
+    with subprocess.Popen(
+        [tool("kqueue-work"), "--broker", url, "--queue", name, "--max-tasks", "1", "--dot-seconds", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the worker ends after its one task, and so does its output
+            stamps.setdefault(line.split("'")[0].strip(), time.monotonic())
+        assert proc.wait(30) == 0
+
+    # Then it starts the task within 100 ms of saying it waits: it looks before it first waits
+    waited = stamps["[x] Received"] - stamps["[*] Waiting for messages. To exit press CTRL+C"]
+    assert waited < 0.1, f"the first task started {waited:.3f} s after the worker said it was waiting"
