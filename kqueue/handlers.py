@@ -96,7 +96,9 @@ def _attribute(target: object, attribute: str, path: str, what: str) -> object:
 
 def _where_it_failed(exc: BaseException) -> str:
     """``KeyError: 'missing' (at app/tasks.py, line 3)``: the error and the user's line that raised it."""
-    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith("<frozen")]
+    # The user's frames: not kqueue's, nor the import machinery's (a module that is not there fails inside it)
+    machinery = ("<frozen", os.path.dirname(importlib.__file__), os.path.dirname(__file__))
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith(machinery)]
     where = f" (at {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f" (at {exc.filename}, line {exc.lineno})"

@@ -303,3 +303,11 @@ def test_a_delay_out_of_range_is_bad_usage(url: str, delay: str, words: str) -> 
     line = one_line(run("kqueue-send", "--broker", url, "--delay", delay, "hi"), 2)
 
     assert "--delay" in line and words in line
+
+
+def test_a_module_that_is_not_there_is_named_without_kqueues_own_lines(tmp_path: Path) -> None:
+    line = one_line(
+        run("kqueue-work", "--broker", f"sqlite:///{tmp_path / 'q.db'}", "--app", "nosuch", cwd=tmp_path), 2
+    )
+
+    assert line.endswith("app module 'nosuch' does not import: ModuleNotFoundError: No module named 'nosuch'"), line
