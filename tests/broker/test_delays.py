@@ -143,19 +143,6 @@ def test_a_delayed_task_outlives_a_broker_restart(amqp_url: str, workers: list[W
             delete_queues(amqp_url, queue.name, f"{queue.name}.dead")
 
 
-@pytest.fixture
-def short_consumer_timeout(amqp_url: str) -> Iterator[str]:
-    """RabbitMQ's consumer_timeout at 3 s, checked every 0.5 s, for this test only."""
-    rabbit.local_rabbitmq(amqp_url)
-    rabbit.set_env("consumer_timeout", 3000)
-    rabbit.set_env("channel_tick_interval", 500)
-    try:
-        yield amqp_url
-    finally:
-        rabbit.set_env("consumer_timeout", 1800000)
-        rabbit.set_env("channel_tick_interval", 60000)
-
-
 @pytest.mark.parametrize("queue_type", [QueueType.CLASSIC, QueueType.QUORUM])
 def test_a_retry_delay_longer_than_consumer_timeout_waits_in_the_broker(
     short_consumer_timeout: str, workers: list[Worker], tmp_path: Path, queue_type: QueueType

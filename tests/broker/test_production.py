@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,19 +49,6 @@ def test_a_task_five_times_longer_than_the_heartbeat_is_delivered_once(amqp_url:
         assert "reconnecting" not in log and "redelivered=True" not in log, log
     finally:
         delete_queues(amqp_url, queue.name, f"{queue.name}.dead")
-
-
-@pytest.fixture
-def short_consumer_timeout(amqp_url: str) -> Iterator[str]:
-    """RabbitMQ's consumer_timeout at 3 s, checked every 0.5 s, for this test only."""
-    rabbit.local_rabbitmq(amqp_url)
-    rabbit.set_env("consumer_timeout", 3000)
-    rabbit.set_env("channel_tick_interval", 500)
-    try:
-        yield amqp_url
-    finally:
-        rabbit.set_env("consumer_timeout", 1800000)
-        rabbit.set_env("channel_tick_interval", 60000)
 
 
 def test_a_task_longer_than_consumer_timeout_is_delivered_again_not_lost(
