@@ -104,13 +104,21 @@ def test_a_queue_file_of_a_newer_kqueue_is_refused_and_names_the_schema(tmp_path
     one_line_error(result, "made by a newer kqueue", f"schema {SCHEMA_VERSION + 1}")
 
 
-def test_a_queue_file_of_the_first_schema_is_upgraded_with_its_tasks(tmp_path: Path) -> None:
-    # Given a file as kqueue's first schema left it: the tables, user_version 1, no application id
+def file_of_an_earlier_schema(tmp_path: Path, script: str) -> str:
+    """A queue file holding three tasks, taken back to an earlier schema by `script`; its URL."""
     url = f"sqlite:///{tmp_path / 'queues.db'}"
     send(url, 3)
     db = sqlite3.connect(tmp_path / "queues.db")
-    db.executescript("DROP TABLE delayed; PRAGMA application_id = 0; PRAGMA user_version = 1;")
+    db.executescript(script)
     db.close()
+    return url
+
+
+def test_a_queue_file_of_the_first_schema_is_upgraded_with_its_tasks(tmp_path: Path) -> None:
+    # Given a file as kqueue's first schema left it: the tables, user_version 1, no application id
+    url = file_of_an_earlier_schema(
+        tmp_path, "DROP TABLE delayed; DROP TABLE tallies; PRAGMA application_id = 0; PRAGMA user_version = 1;"
+    )
 
     # When a worker opens it
     result = run_tool("kqueue-work", "--broker", url, "--queue", "tasks", "--burst", "--dot-seconds", "0")
@@ -123,11 +131,7 @@ def test_a_queue_file_of_the_first_schema_is_upgraded_with_its_tasks(tmp_path: P
 
 def test_a_queue_file_of_the_second_schema_gets_the_delayed_table_and_keeps_its_tasks(tmp_path: Path) -> None:
     # Given a file as kqueue 0.1 left it: schema 2, no table of delayed tasks
-    url = f"sqlite:///{tmp_path / 'queues.db'}"
-    send(url, 3)
-    db = sqlite3.connect(tmp_path / "queues.db")
-    db.executescript("DROP TABLE delayed; PRAGMA user_version = 2;")
-    db.close()
+    url = file_of_an_earlier_schema(tmp_path, "DROP TABLE delayed; DROP TABLE tallies; PRAGMA user_version = 2;")
 
     # When a task is sent with a delay, and a worker runs four tasks
     sent = run_tool("kqueue-send", "--broker", url, "--queue", "tasks", "--delay", "0.3", "later")
@@ -299,3 +303,21 @@ def test_connections_opening_a_new_file_at_once_all_take_it_for_kqueues(tmp_path
         # Then none of them saw half of another's creation, and the file is kqueue's
         assert not errors, errors[0]
         assert header(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+
+
+def test_a_queue_file_of_the_third_schema_gets_the_tallies_and_counts_from_then_on(tmp_path: Path) -> None:
+    # Given a file as kqueue 0.1 left it after delays came: schema 3, no tallies of what was published
+    url = file_of_an_earlier_schema(tmp_path, "DROP TABLE tallies; PRAGMA user_version = 3;")
+
+    # When two more tasks are sent
+    for text in ("a", "b"):
+        sent = run_tool("kqueue-send", "--broker", url, "--queue", "tasks", text)
+        assert sent.returncode == 0, sent.stderr
+
+    # Then the file is of this version, counting the two sent since (the three before were never counted)
+    assert header(tmp_path / "queues.db")[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    db = sqlite3.connect(tmp_path / "queues.db")
+    try:
+        assert db.execute("SELECT queue, published FROM tallies").fetchall() == [("tasks", 2)]
+    finally:
+        db.close()

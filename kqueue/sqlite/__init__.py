@@ -39,7 +39,17 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from kqueue.sqlite.failures import DatabaseBusy, DiskFull, FileReplaced, StoreUnavailable
 from kqueue.sqlite.options import Options, path_of
-from kqueue.sqlite.transport import Channel, Transport, delayed_count, due_in, queue_stats, wake_fd
+from kqueue.sqlite.transport import (
+    Channel,
+    Transport,
+    consumer_labels,
+    delayed_count,
+    due_in,
+    published_count,
+    queue_names,
+    queue_stats,
+    wake_fd,
+)
 
 __all__ = [
     "Channel",
@@ -49,9 +59,12 @@ __all__ = [
     "Options",
     "StoreUnavailable",
     "Transport",
+    "consumer_labels",
     "delayed_count",
     "due_in",
     "path_of",
+    "published_count",
+    "queue_names",
     "queue_stats",
     "wake_fd",
 ]

@@ -21,10 +21,12 @@ import sys
 import uuid
 from pathlib import Path
 
-__all__ = ["Owner", "Wakeups", "alive", "forget_stale"]
+__all__ = ["Owner", "Wakeups", "alive", "forget_stale", "label_of"]
 
 _SUFFIX = ".lock"
 _MAKING = ".making"
+#: Bytes of an owner's label kept in its lock file.
+_LABEL_MAX = 1024
 
 
 class Owner:
@@ -37,13 +39,15 @@ class Owner:
         self._path = path
 
     @classmethod
-    def create(cls, owners_dir: Path, wakeups: Wakeups) -> Owner:
+    def create(cls, owners_dir: Path, wakeups: Wakeups, label: str = "") -> Owner:
+        """A new owner, its lock file holding `label` (the connection's name: who the owner is, for people)."""
         owner = uuid.uuid4().hex[:16]
         owners_dir.mkdir(exist_ok=True)
         making = owners_dir / f".{owner}{_MAKING}"
         fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, label.encode()[:_LABEL_MAX])
             wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             wake.setblocking(False)
             with contextlib.suppress(OSError):  # no wake-ups (too long a path): polling still works
@@ -97,6 +101,14 @@ def alive(owners_dir: Path, owner: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def label_of(owners_dir: Path, owner: str) -> str:
+    """The label `owner` was made with ('' if none, or if its lock file is gone)."""
+    try:
+        return (owners_dir / f"{owner}{_SUFFIX}").read_bytes()[:_LABEL_MAX].decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def forget_stale(owners_dir: Path) -> None:

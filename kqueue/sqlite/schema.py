@@ -17,7 +17,7 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "connect", "prepare"]
 APPLICATION_ID = 0x6B717565
 #: 1: the tables below, before files carried kqueue's application id. 2: the id, and free pages given back.
 #: 3: delayed messages (`DELAYED`).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: How large the write-ahead log may stay once checkpointed (bytes); it grows past this only while needed.
 WAL_LIMIT = 4 << 20
 
@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS delayed (
     ready_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delayed_due ON delayed (queue, ready_at);
+"""
+#: Messages ever published to each queue, counted in the publish's own transaction: what rates are read from.
+TALLIES = """
+CREATE TABLE IF NOT EXISTS tallies (queue TEXT PRIMARY KEY, published INTEGER NOT NULL DEFAULT 0)
 """
 
 
@@ -116,7 +120,7 @@ def _prepare(db: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
             for statement in TABLES.split(";"):
                 db.execute(statement)
         if kind != "current":
-            for statement in DELAYED.split(";"):
+            for statement in (*DELAYED.split(";"), TALLIES):
                 db.execute(statement)
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ class Store:
     wait in memory and the consumer keeps its rows and its lock.
     """
 
-    def __init__(self, path: Path, options: Options) -> None:
+    def __init__(self, path: Path, options: Options, label: str = "") -> None:
         self.path = path
         self.options = options
+        self.label = label
         self.owner: Owner | None = None
         self.replaced = False
         self._mutex = threading.RLock()
@@ -120,6 +122,7 @@ class Store:
             db.executemany("INSERT INTO messages (queue, payload) VALUES (?, ?)", rows)
             if delayed:
                 db.executemany("INSERT INTO delayed (queue, payload, ready_at) VALUES (?, ?, ?)", delayed)
+            db.executemany(_TALLY, Counter(queue for queue, *_ in (*rows, *delayed)).items())
         self.check_file(every=0)
         self.wakeups.notify()
 
@@ -314,7 +317,7 @@ class Store:
         if self.owner is None:
             with self._mutex:
                 if self.owner is None:
-                    self.owner = Owner.create(self.owners_dir, self.wakeups)
+                    self.owner = Owner.create(self.owners_dir, self.wakeups, self.label)
         return self.owner.id
 
     def is_alive(self, owner: str) -> bool:
@@ -458,6 +461,10 @@ class Store:
             return
 
 
+_TALLY = (
+    "INSERT INTO tallies (queue, published) VALUES (?, ?) "
+    "ON CONFLICT (queue) DO UPDATE SET published = published + excluded.published"
+)
 _OWNERS = "SELECT DISTINCT owner FROM messages WHERE owner IS NOT NULL UNION SELECT owner FROM consumers"
 
 

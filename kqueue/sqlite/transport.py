@@ -23,7 +23,17 @@ from kqueue.sqlite.failures import FileReplaced, StoreUnavailable
 from kqueue.sqlite.options import Options, path_of
 from kqueue.sqlite.store import REAP_INTERVAL, Store
 
-__all__ = ["Channel", "Transport", "delayed_count", "due_in", "queue_stats", "wake_fd"]
+__all__ = [
+    "Channel",
+    "Transport",
+    "consumer_labels",
+    "delayed_count",
+    "due_in",
+    "published_count",
+    "queue_names",
+    "queue_stats",
+    "wake_fd",
+]
 
 log = logging.getLogger("kqueue.sqlite")
 
@@ -362,7 +372,8 @@ class Transport(virtual.Transport):  # type: ignore[misc]
 
     def establish_connection(self) -> Any:
         if self.store is None:
-            self.store = Store(self.path, self.options)
+            named = self.client.transport_options.get("client_properties") or {}
+            self.store = Store(self.path, self.options, str(named.get("connection_name", "")))
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
@@ -462,3 +473,23 @@ def queue_stats(conn: Any, queue_name: str) -> tuple[int, int, int]:
         "SELECT COUNT(*) - COUNT(owner), COUNT(owner) FROM messages WHERE queue = ?", (queue_name,)
     )
     return int(ready), int(unacked), store.live_consumers(queue_name)
+
+
+def published_count(conn: Any, queue_name: str) -> int:
+    """Messages ever published to `queue_name` in this file, delayed ones included (from schema 4 on)."""
+    found = _store_of(conn).query("SELECT published FROM tallies WHERE queue = ?", (queue_name,))
+    return int(found[0][0]) if found else 0
+
+
+def queue_names(conn: Any) -> list[str]:
+    """Every queue declared in the file, by name."""
+    return [str(name) for (name,) in _store_of(conn).query("SELECT name FROM queues ORDER BY name")]
+
+
+def consumer_labels(conn: Any, queue_name: str) -> list[str]:
+    """The labels (connection names) of the live owners consuming `queue_name`, one per consumer."""
+    from kqueue.sqlite.owners import label_of
+
+    store = _store_of(conn)
+    rows = store.query("SELECT owner FROM consumers WHERE queue = ? ORDER BY owner, tag", (queue_name,))
+    return [label_of(store.owners_dir, owner) for (owner,) in rows if store.is_alive(owner)]
