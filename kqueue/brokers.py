@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -393,3 +394,21 @@ def watch_blocked(conn: Connection, on_blocked: Callable[[str], None], on_unbloc
     amqp._METHODS = methods  # this connection's own table: the class's stays as it is
     amqp._callbacks[spec.Connection.Blocked] = lambda reason="": on_blocked(reason or "no reason given")
     amqp._callbacks[spec.Connection.Unblocked] = on_unblocked
+
+
+#: How a worker's connection name starts (``kqueue-worker host=... pid=... queue=... prefetch=1 concurrency=1``).
+WORKER_LABEL = "kqueue-worker"
+
+
+def worker_label(**facts: object) -> str:
+    """A worker connection's name: this host and process, then `facts`, as ``key=value`` words."""
+    words = {"host": socket.gethostname(), "pid": os.getpid(), **facts}
+    return " ".join([WORKER_LABEL, *(f"{key}={str(value).replace(' ', '_')}" for key, value in words.items())])
+
+
+def label_facts(label: str) -> dict[str, str] | None:
+    """The facts of a `worker_label` name; None for a connection of anything else."""
+    first, _, rest = label.partition(" ")
+    if first != WORKER_LABEL:
+        return None
+    return dict(word.split("=", 1) for word in rest.split() if "=" in word)

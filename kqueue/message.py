@@ -14,6 +14,7 @@ __all__ = [
     "ACCEPT",
     "ATTEMPT",
     "DELIVERIES",
+    "DIED_AT",
     "ERROR",
     "NOT_BEFORE",
     "ORIGIN",
@@ -57,6 +58,8 @@ ERROR = "x-kqueue-error"
 """On a dead letter: the last error, ``Type: message``."""
 ORIGIN = "x-kqueue-queue"
 """On a dead letter: the queue it came from."""
+DIED_AT = "x-kqueue-died-at"
+"""On a dead letter: the Unix time it was moved to the dead letters."""
 QUORUM_DELIVERY_COUNT = "x-delivery-count"
 """RabbitMQ's own count of earlier deliveries, on quorum queues."""
 

@@ -203,7 +203,8 @@ class Dispatcher:
             ),
             exc_info=_traceback(task.error),
         )
-        self._republish(task, self.dead_queue.name, decision.changes(self.queue.name))
+        changes = {**decision.changes(self.queue.name), wire.DIED_AT: round(time.time(), 3)}
+        self._republish(task, self.dead_queue.name, changes)
         self._owner.on_dead_letter(task, decision.reason)
 
     def _republish(self, task: Task, routing_key: str, changes: dict[str, Any]) -> None:

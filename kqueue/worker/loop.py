@@ -15,7 +15,7 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 
 from kqueue import message as wire
-from kqueue.brokers import is_amqp, next_node, node_count, read_ahead, where
+from kqueue.brokers import is_amqp, next_node, node_count, read_ahead, where, worker_label
 from kqueue.delays import kept_by
 from kqueue.errors import PublishFailed, describe, queue_mismatch
 from kqueue.handlers import Handler
@@ -179,6 +179,16 @@ class Worker(ConsumerMixin, Hooks):
         facts = fields(queue=self.queue.name, broker=self._where, prefetch=self.settings.prefetch_count)
         log.info("consuming", extra=facts)
         self.on_consuming(self._where)
+
+    def create_connection(self) -> Connection:
+        # Named for the people reading the broker: RabbitMQ's management API and
+        # `kqueue web` show who consumes (on sqlite:// the name is in the owner's lock file).
+        conn = super().create_connection()
+        facts = {"queue": self.queue.name, "prefetch": self.settings.prefetch_count}
+        named = dict(conn.transport_options.get("client_properties") or {})
+        named["connection_name"] = worker_label(concurrency=self.settings.concurrency, **facts)
+        conn.transport_options = {**conn.transport_options, "client_properties": named}
+        return conn
 
     @contextmanager
     def establish_connection(self) -> Iterator[Connection]:
