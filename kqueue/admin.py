@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -22,7 +23,17 @@ from kqueue.errors import KQueueError
 from kqueue.producer import Sender
 from kqueue.queues import dead_letter_queue, declare, messages_ready
 
-__all__ = ["DeadLetter", "QueueStats", "dead_letters", "management_url_for", "purge", "queue_stats", "retry_dead"]
+__all__ = [
+    "DeadLetter",
+    "Management",
+    "QueueStats",
+    "dead_letters",
+    "delete_dead",
+    "management_url_for",
+    "purge",
+    "queue_stats",
+    "retry_dead",
+]
 
 #: kqueue's own headers, dropped when a dead letter goes back to its queue for a fresh start.
 _KQUEUE_HEADERS = (
@@ -34,6 +45,7 @@ _KQUEUE_HEADERS = (
     wire.REASON,
     wire.ERROR,
     wire.ORIGIN,
+    wire.DIED_AT,
 )
 
 
@@ -68,6 +80,8 @@ class DeadLetter:
         attempts: the runs of its handler.
         origin: the queue it came from.
         task: a function task's name; None for a text task.
+        died_at: the Unix time it was dead-lettered; None if not recorded (dead-lettered by an earlier kqueue).
+        key: tells it from the other dead letters (`retry_dead`, `delete_dead`); equal letters share it.
     """
 
     text: str
@@ -76,6 +90,8 @@ class DeadLetter:
     attempts: int
     origin: str
     task: str | None = None
+    died_at: float | None = None
+    key: str = ""
 
 
 def management_url_for(broker_url: str) -> str:
@@ -100,7 +116,7 @@ def queue_stats(conn: Connection, queue: Queue, management_url: str | None = Non
 
         rows = [QueueStats(q.name, *sqlite_stats(conn, q.name)) for q in queues]
     elif is_amqp(conn):
-        api = _Management(management_url or management_url_for(conn.as_uri(include_password=True)), conn)
+        api = Management(management_url or management_url_for(conn.as_uri(include_password=True)), conn)
         rows = [_amqp_stats(conn, q, api) for q in queues]
     else:
         rows = [_virtual_stats(conn, q) for q in queues]
@@ -130,7 +146,7 @@ def _delayed(conn: Connection, queue: Queue) -> int | None:
     return None
 
 
-def _amqp_stats(conn: Connection, queue: Queue, api: _Management) -> QueueStats:
+def _amqp_stats(conn: Connection, queue: Queue, api: Management) -> QueueStats:
     # Ready and consumers are exact from a passive declare, this very moment;
     # the management API's figures lag by up to 5 s, so only the count the
     # declare cannot give, unacknowledged, comes from there.
@@ -156,8 +172,11 @@ def _virtual_stats(conn: Connection, queue: Queue) -> QueueStats:
     return QueueStats(queue.name, messages_ready(channel, queue), unacked, None)
 
 
-class _Management:
-    """The few reads kqueue makes of RabbitMQ's management API."""
+class Management:
+    """The few reads kqueue makes of RabbitMQ's management API, on `conn`'s virtual host.
+
+    After a first failure (no plugin, refused, a bad reply) it answers None without asking again.
+    """
 
     def __init__(self, url: str, conn: Connection) -> None:
         parts = urlsplit(url)
@@ -168,13 +187,31 @@ class _Management:
         self.available = True
 
     def queue(self, name: str) -> dict[str, Any] | None:
+        """The queue's object ({} if there is no such queue), consumers' details included; None: no answer."""
+        found = self._get(f"queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}")
+        return found if isinstance(found, dict) else None
+
+    def queue_names(self) -> list[str] | None:
+        """The names of the virtual host's queues; None: no answer."""
+        found = self._get(f"queues/{quote(self.vhost, safe='')}?columns=name")
+        return [str(entry["name"]) for entry in found] if isinstance(found, list) else None
+
+    def connection_names(self) -> dict[str, str]:
+        """The names clients gave their connections (`connection_name`), by RabbitMQ's own; {} if no answer."""
+        found = self._get("connections?columns=name,user_provided_name")
+        if not isinstance(found, list):
+            return {}
+        return {
+            str(entry["name"]): str(entry["user_provided_name"]) for entry in found if entry.get("user_provided_name")
+        }
+
+    def _get(self, path: str) -> Any:
         if not self.available:
             return None
-        url = f"{self.base}/api/queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}"
+        request = urllib.request.Request(f"{self.base}/api/{path}", headers=self.headers)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers), timeout=5) as reply:
-                found: dict[str, Any] = json.load(reply)
-                return found
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return json.load(reply)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return {}
@@ -211,37 +248,53 @@ def _drain(conn: Connection, queue: Queue, limit: int | None) -> Iterator[Messag
 
 def dead_letters(conn: Connection, queue: Queue, limit: int | None = None) -> list[DeadLetter]:
     """The dead letters of `queue`, oldest first, at most `limit`; they stay where they are."""
-    found: list[DeadLetter] = []
     held: list[Message] = []
     try:
         for message in _drain(conn, dead_letter_queue(queue), limit):
             held.append(message)
-            headers = wire.headers_of(message)
-            name = headers.get(wire.TASK)
-            try:
-                text = (
-                    wire.decode_task(message) if name is None else wire.describe_call(name, *wire.decode_call(message))
-                )
-            except Exception:  # noqa: BLE001 - undecodable letters are listed by their bytes
-                text = repr(message.body)
-            found.append(
-                DeadLetter(
-                    text,
-                    str(headers.get(wire.REASON, "?")),
-                    str(headers.get(wire.ERROR, "")),
-                    int(headers.get(wire.ATTEMPT, 1)),
-                    str(headers.get(wire.ORIGIN, queue.name)),
-                    None if name is None else str(name),
-                )
-            )
+        return [_letter(message, queue) for message in held]
     finally:
         for message in held:
             message.requeue()
-    return found
+
+
+def _letter(message: Message, queue: Queue) -> DeadLetter:
+    headers = wire.headers_of(message)
+    name = headers.get(wire.TASK)
+    try:
+        text = wire.decode_task(message) if name is None else wire.describe_call(name, *wire.decode_call(message))
+    except Exception:  # noqa: BLE001 - undecodable letters are listed by their bytes
+        text = repr(message.body)
+    died_at = headers.get(wire.DIED_AT)
+    return DeadLetter(
+        text,
+        str(headers.get(wire.REASON, "?")),
+        str(headers.get(wire.ERROR, "")),
+        int(headers.get(wire.ATTEMPT, 1)),
+        str(headers.get(wire.ORIGIN, queue.name)),
+        None if name is None else str(name),
+        float(died_at) if isinstance(died_at, (int, float)) else None,
+        _key(message),
+    )
+
+
+def _key(message: Message) -> str:
+    """What tells a dead letter from the others: a digest of its body and headers (equal letters share it).
+
+    The broker's count of deliveries is left out: each reading of the dead letters adds one.
+    """
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    kept = {k: v for k, v in wire.headers_of(message).items() if k != wire.QUORUM_DELIVERY_COUNT}
+    headers = json.dumps(kept, sort_keys=True, default=str).encode()
+    return hashlib.sha256(body + b"\0" + headers).hexdigest()[:16]
 
 
 def retry_dead(
-    conn: Connection, queue: Queue, limit: int | None = None, on_moved: Callable[[int], None] | None = None
+    conn: Connection,
+    queue: Queue,
+    limit: int | None = None,
+    on_moved: Callable[[int], None] | None = None,
+    key: str | None = None,
 ) -> int:
     """Move dead letters back to the queue they came from, each confirmed before it leaves; return how many.
 
@@ -252,13 +305,16 @@ def retry_dead(
         queue: the task queue whose ``<name>.dead`` is emptied.
         limit: move at most this many; None for all.
         on_moved: called with the count so far after each one moved.
+        key: move only the first dead letter of this `DeadLetter.key` (0 if none has it).
 
     Raises:
         KQueueError: a dead letter came from another queue (it stays where it was).
     """
     moved = 0
     with Sender(conn, queue, reconnect_for=0) as sender:
-        for message in _drain(conn, dead_letter_queue(queue), limit):
+
+        def move(message: Message) -> None:
+            nonlocal moved
             origin = str(wire.headers_of(message).get(wire.ORIGIN, queue.name))
             if origin != queue.name:
                 message.requeue()
@@ -268,7 +324,32 @@ def retry_dead(
             moved += 1
             if on_moved is not None:
                 on_moved(moved)
+
+        if key is not None:
+            return _take(conn, queue, key, move)
+        for message in _drain(conn, dead_letter_queue(queue), limit):
+            move(message)
     return moved
+
+
+def delete_dead(conn: Connection, queue: Queue, key: str) -> int:
+    """Delete the first dead letter of `queue` whose `DeadLetter.key` is `key`; return 1, or 0 if none has it."""
+    return _take(conn, queue, key, lambda message: message.ack())
+
+
+def _take(conn: Connection, queue: Queue, key: str, act: Callable[[Message], None]) -> int:
+    """`act` on the first dead letter of this key; those before it go back where they were."""
+    passed: list[Message] = []
+    try:
+        for message in _drain(conn, dead_letter_queue(queue), None):
+            if _key(message) == key:
+                act(message)
+                return 1
+            passed.append(message)
+        return 0
+    finally:
+        for message in passed:
+            message.requeue()
 
 
 def purge(conn: Connection, queue: Queue) -> int:
