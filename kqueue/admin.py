@@ -196,6 +196,14 @@ class Management:
         found = self._get(f"queues/{quote(self.vhost, safe='')}?columns=name")
         return [str(entry["name"]) for entry in found] if isinstance(found, list) else None
 
+    def messages_by_prefix(self, prefix: str) -> int | None:
+        """Messages in all the queues whose names start with `prefix`, in one call; None: no answer."""
+        pattern = quote("^" + prefix.replace(".", "\\."), safe="")
+        found = self._get(f"queues/{quote(self.vhost, safe='')}?use_regex=true&name={pattern}&columns=name,messages")
+        if not isinstance(found, list):
+            return None
+        return sum(int(entry.get("messages", 0)) for entry in found if str(entry["name"]).startswith(prefix))
+
     def connection_names(self) -> dict[str, str]:
         """The names clients gave their connections (`connection_name`), by RabbitMQ's own; {} if no answer."""
         found = self._get("connections?columns=name,user_provided_name")

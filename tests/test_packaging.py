@@ -32,6 +32,17 @@ def test_every_module_of_the_package_imports() -> None:
     assert {"kqueue.cli.send", "kqueue.cli.work", "kqueue.worker.loop", "kqueue.sqlite"} <= set(names)
 
 
+def test_the_web_page_s_templates_and_scripts_are_installed() -> None:
+    # Given the kqueue.web package, wherever it is installed
+    from importlib.resources import files
+
+    web = files("kqueue.web")
+
+    # Then the page's templates, its style and htmx are there beside it
+    assert {"page.html", "queues.html", "dead_list.html"} <= {f.name for f in web.joinpath("templates").iterdir()}
+    assert {"htmx.min.js", "kqueue.css"} <= {f.name for f in web.joinpath("static").iterdir()}
+
+
 def test_each_command_entry_point_loads() -> None:
     commands = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("kqueue")}
 

@@ -6,9 +6,19 @@ import logging
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from kqueue import __version__
-from kqueue.cli.common import CONTEXT, Group, broker_options, connect_queue, from_group, group_options, plural
+from kqueue.cli.common import (
+    CONTEXT,
+    Group,
+    broker_options,
+    broker_options_but_queue,
+    connect_queue,
+    from_group,
+    group_options,
+    plural,
+)
 from kqueue.logs import configure
 from kqueue.queues import declare
 
@@ -127,3 +137,82 @@ def purge_command(
         declare(conn, target)
         count = purge(conn, target)
     click.echo(f"purged {plural(count, 'message')} from {target.name}")
+
+
+@admin_main.command("web")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8181, show_default=True, help="Port; 0 for any free one."
+)
+@click.option(
+    "--token",
+    envvar="KQUEUE_WEB_TOKEN",
+    default=None,
+    metavar="SECRET",
+    help="Every request must carry it (open /?token=SECRET once); needed for any address but loopback.",
+)
+@click.option(
+    "--queue",
+    "queue_names",
+    envvar="KQUEUE_QUEUE",
+    multiple=True,
+    metavar="NAME",
+    help="A queue to show; repeat for more  [default: every kqueue queue the broker lists, else task_queue].",
+)
+@click.option(
+    "--management-url",
+    envvar="KQUEUE_MANAGEMENT_URL",
+    metavar="URL",
+    help="RabbitMQ management API  [default: the broker's host, port 15672].",
+)
+@broker_options_but_queue
+def web_command(
+    host: str,
+    port: int,
+    token: str | None,
+    queue_names: tuple[str, ...],
+    management_url: str | None,
+    broker_url: str | None,
+    queue_type: str,
+    verbose: bool,
+) -> None:
+    """Serve a live page of the queues, their workers and dead letters, with replay and purge.
+
+    Needs the web extra: pip install 'kqueue[web]'.
+    """
+    from kqueue import web
+    from kqueue.brokers import mask
+
+    web.require_web()
+    given = from_group(broker_url=broker_url, queue_type=queue_type, verbose=verbose)
+    root = click.get_current_context().find_root()
+    if not queue_names and root.get_parameter_source("queue_name") is ParameterSource.COMMANDLINE:
+        queue_names = (root.params["queue_name"],)  # kqueue --queue NAME web
+    if token is not None and not token.strip():
+        raise click.UsageError("--token must not be empty")
+    if not web.is_loopback(host) and token is None:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: give a token (--token or KQUEUE_WEB_TOKEN)"
+        )
+    # Connected once here, to fail at once in one line (and to name the default broker); the page declares nothing.
+    configure(logging.DEBUG if given["verbose"] else logging.WARNING)
+    conn, _ = connect_queue(given["broker_url"], "task_queue", given["queue_type"], declared=False)
+    url = conn.as_uri(include_password=True)
+    conn.release()
+    sock = web.listen(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    address = f"http://{shown_host}:{bound_port}/"
+
+    def ready() -> None:
+        click.echo(f"kqueue web: {address} for {mask(url)}; Ctrl+C to stop", err=True)
+
+    web.serve(
+        sock,
+        url,
+        queue_names,
+        token=token,
+        queue_type=given["queue_type"],
+        management_url=management_url,
+        on_ready=ready,
+    )

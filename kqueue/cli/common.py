@@ -65,6 +65,17 @@ def broker_options(func: F) -> F:
     return _apply([*_shared(), click.version_option(__version__, "--version", prog_name="kqueue")], func)
 
 
+def broker_options_but_queue(func: F) -> F:
+    """`broker_options` for a command that names its queues its own way."""
+    shared = [option for option in _shared() if "queue_name" not in _names(option)]
+    return _apply([*shared, click.version_option(__version__, "--version", prog_name="kqueue")], func)
+
+
+def _names(decorator: Callable[[Any], Any]) -> tuple[str, ...]:
+    probe = decorator(lambda: None)
+    return tuple(param.name or "" for param in getattr(probe, "__click_params__", []))
+
+
 def group_options(func: F) -> F:
     """The shared options on ``kqueue`` itself, before its subcommand: each subcommand reads them (`from_group`)."""
     return _apply(_shared(), func)
@@ -164,9 +175,17 @@ default_broker_url = default_url
 
 
 def connect_queue(
-    broker_url: str | None, queue_name: str, queue_type: str, heartbeat: float | None = None
+    broker_url: str | None,
+    queue_name: str,
+    queue_type: str,
+    heartbeat: float | None = None,
+    *,
+    declared: bool = True,
 ) -> tuple[Any, Any]:
-    """Connect and declare the queue, or fail with one line. No URL: the default broker, named on stderr."""
+    """Connect and declare the queue (unless not `declared`), or fail with one line.
+
+    No URL: the default broker, named on stderr.
+    """
     if not queue_name.strip():
         raise click.UsageError("--queue must not be empty")
     url = broker_url or default_broker_url()
@@ -180,7 +199,8 @@ def connect_queue(
         url = _local_url(url)
     conn = open_connection(connect(url, heartbeat=heartbeat))
     queue = task_queue(queue_name, QueueType(queue_type))
-    declare(conn, queue)
+    if declared:
+        declare(conn, queue)
     prog = click.get_current_context().find_root().info_name
     if broker_url is None:
         click.echo(f"{prog}: broker {url} (the default; --broker or KQUEUE_BROKER_URL for another)", err=True)

@@ -31,7 +31,7 @@ from kombu import Connection, Queue
 from kqueue.errors import KQueueError
 from kqueue.queues import declaring, is_quorum
 
-__all__ = ["LEVELS", "READY", "UNROUTABLE", "count", "declare", "level_name", "route"]
+__all__ = ["LEVELS", "READY", "UNROUTABLE", "chain_of", "count", "declare", "level_name", "route"]
 
 #: Queues in a chain: delays up to 2^32 - 1 ms.
 LEVELS = 32
@@ -42,7 +42,8 @@ READY = "kqueue.delay.ready"
 UNROUTABLE = "kqueue.delay.unroutable"
 
 
-def _kind(queue: Queue) -> str:
+def chain_of(queue: Queue) -> str:
+    """The chain a delayed task of `queue` goes through: ``classic`` or ``quorum``, as the queue."""
     return "quorum" if is_quorum(queue) else "classic"
 
 
@@ -72,7 +73,7 @@ def route(queue: Queue, seconds: float) -> tuple[str, str]:
                 f"queue {queue.name!r} cannot take delayed tasks on RabbitMQ: a word of its name is * or #"
             )
     bits = _BITS[millis >> 24 & 255] + _BITS[millis >> 16 & 255] + _BITS[millis >> 8 & 255] + _BITS[millis & 255]
-    return level_name(_kind(queue), millis.bit_length() - 1), f"{bits}{queue.name}"
+    return level_name(chain_of(queue), millis.bit_length() - 1), f"{bits}{queue.name}"
 
 
 #: The 8 bits of each byte as routing-key words, highest first, each followed by a dot.
@@ -87,7 +88,7 @@ def declare(conn: Connection, queue: Queue) -> None:
     Raises:
         QueueMismatch: a queue of the chain exists with other arguments.
     """
-    kind = _kind(queue)
+    kind = chain_of(queue)
     if not _made(conn, kind):
         with declaring(conn) as channel:
             channel.exchange_declare(UNROUTABLE, "fanout", durable=True, auto_delete=False)
@@ -132,5 +133,5 @@ def _declare_level(channel: Any, kind: str, level: int) -> None:
 
 def count(conn: Connection, queue: Queue) -> int:
     """Delayed messages in the chain `queue` uses: those of every queue of its type on the virtual host."""
-    kind = _kind(queue)
+    kind = chain_of(queue)
     return sum(_messages(conn, level_name(kind, level)) or 0 for level in range(LEVELS))
