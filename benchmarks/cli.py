@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kqueue
-from benchmarks import fleet, idle, latency, memory, oneshot, plumbing, send, sqlite_run, tasks, work
+from benchmarks import fleet, idle, latency, memory, oneshot, plumbing, send, sqlite_run, tasks, web, work
 from benchmarks.core import Config, Figure, format_table, row_result, run_figure
 from kqueue.brokers import mask
 
@@ -31,9 +31,10 @@ FIGURES: dict[str, Callable[[Config, int], Figure]] = {
     "oneshot": oneshot.figure,
     "fleet": lambda config, rounds: fleet.figure(config),
     "tasks": lambda config, rounds: tasks.figure(config),
+    "web": lambda config, rounds: web.figure(config),
 }
 #: The figures --queue-type applies to; the others always use a classic queue (or none).
-TYPED = {"send", "work", "memory", "fleet", "tasks"}
+TYPED = {"send", "work", "memory", "fleet", "tasks", "web"}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
