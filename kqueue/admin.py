@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -95,10 +96,11 @@ class DeadLetter:
 
 
 def management_url_for(broker_url: str) -> str:
-    """RabbitMQ's management API on the broker's host, default port, same credentials."""
+    """RabbitMQ's management API on the broker's host, default port (HTTPS for ``amqps://``), same credentials."""
     parts = urlsplit(broker_url)
     user, password = parts.username or "guest", parts.password or "guest"
-    return f"http://{quote(user)}:{quote(password)}@{parts.hostname or 'localhost'}:15672"
+    scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
+    return f"{scheme}://{quote(user)}:{quote(password)}@{parts.hostname or 'localhost'}:{port}"
 
 
 def queue_stats(conn: Connection, queue: Queue, management_url: str | None = None) -> list[QueueStats]:
@@ -191,10 +193,14 @@ class Management:
         found = self._get(f"queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}")
         return found if isinstance(found, dict) else None
 
-    def queue_names(self) -> list[str] | None:
-        """The names of the virtual host's queues; None: no answer."""
-        found = self._get(f"queues/{quote(self.vhost, safe='')}?columns=name")
-        return [str(entry["name"]) for entry in found] if isinstance(found, list) else None
+    def queue_types(self) -> dict[str, str] | None:
+        """The virtual host's queues, by name: their types (``classic``, ``quorum``, ...); None: no answer."""
+        found = self._get(f"queues/{quote(self.vhost, safe='')}?columns=name,type")
+        return (
+            {str(entry["name"]): str(entry.get("type", "classic")) for entry in found}
+            if isinstance(found, list)
+            else None
+        )
 
     def messages_by_prefix(self, prefix: str) -> int | None:
         """Messages in all the queues whose names start with `prefix`, in one call; None: no answer."""
@@ -274,25 +280,27 @@ def _letter(message: Message, queue: Queue) -> DeadLetter:
     except Exception:  # noqa: BLE001 - undecodable letters are listed by their bytes
         text = repr(message.body)
     died_at = headers.get(wire.DIED_AT)
+    attempts = headers.get(wire.ATTEMPT, 1)
     return DeadLetter(
         text,
         str(headers.get(wire.REASON, "?")),
         str(headers.get(wire.ERROR, "")),
-        int(headers.get(wire.ATTEMPT, 1)),
+        attempts if isinstance(attempts, int) else 0,
         str(headers.get(wire.ORIGIN, queue.name)),
         None if name is None else str(name),
-        float(died_at) if isinstance(died_at, (int, float)) else None,
+        float(died_at) if isinstance(died_at, (int, float)) and 0 < died_at < 1e11 else None,
         _key(message),
     )
 
 
 def _key(message: Message) -> str:
-    """What tells a dead letter from the others: a digest of its body and headers (equal letters share it).
+    """What tells a dead letter from the others: a digest of its body and kqueue's headers (equal letters share it).
 
-    The broker's count of deliveries is left out: each reading of the dead letters adds one.
+    Only kqueue's own headers: brokers add and change theirs at each reading (delivery
+    and acquisition counts on RabbitMQ, ``redelivered`` on Redis).
     """
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-    kept = {k: v for k, v in wire.headers_of(message).items() if k != wire.QUORUM_DELIVERY_COUNT}
+    kept = {k: v for k, v in wire.headers_of(message).items() if str(k).startswith(wire.KQUEUE_PREFIX)}
     headers = json.dumps(kept, sort_keys=True, default=str).encode()
     return hashlib.sha256(body + b"\0" + headers).hexdigest()[:16]
 
@@ -325,7 +333,6 @@ def retry_dead(
             nonlocal moved
             origin = str(wire.headers_of(message).get(wire.ORIGIN, queue.name))
             if origin != queue.name:
-                message.requeue()
                 raise KQueueError(f"dead letter came from {origin!r}, not {queue.name!r}: use --queue {origin}")
             sender.publish([wire.copy_of(message, queue.name, dict.fromkeys(_KQUEUE_HEADERS))])
             message.ack()
@@ -336,7 +343,7 @@ def retry_dead(
         if key is not None:
             return _take(conn, queue, key, move)
         for message in _drain(conn, dead_letter_queue(queue), limit):
-            move(message)
+            _or_back(message, move)
     return moved
 
 
@@ -345,19 +352,29 @@ def delete_dead(conn: Connection, queue: Queue, key: str) -> int:
     return _take(conn, queue, key, lambda message: message.ack())
 
 
-def _take(conn: Connection, queue: Queue, key: str, act: Callable[[Message], None]) -> int:
-    """`act` on the first dead letter of this key; those before it go back where they were."""
+def _take(conn: Connection, queue: Queue, key: str, act: Callable[[Message], None], within: int = 1000) -> int:
+    """`act` on the first dead letter of this key, among the first `within`; those before it go back."""
     passed: list[Message] = []
     try:
-        for message in _drain(conn, dead_letter_queue(queue), None):
+        for message in _drain(conn, dead_letter_queue(queue), within):
             if _key(message) == key:
-                act(message)
+                _or_back(message, act)
                 return 1
             passed.append(message)
         return 0
     finally:
         for message in passed:
             message.requeue()
+
+
+def _or_back(message: Message, act: Callable[[Message], None]) -> None:
+    """`act` on `message`; if that fails, the message goes back where it was (if the broker is still there)."""
+    try:
+        act(message)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            message.requeue()
+        raise
 
 
 def purge(conn: Connection, queue: Queue) -> int:

@@ -16,6 +16,7 @@ __all__ = [
     "DELIVERIES",
     "DIED_AT",
     "ERROR",
+    "KQUEUE_PREFIX",
     "NOT_BEFORE",
     "ORIGIN",
     "REASON",
@@ -35,6 +36,8 @@ ACCEPT = ["text/plain", "application/data", "application/json"]
 clients (no content type, which Kombu calls ``application/data``) and JSON.
 Never pickle."""
 
+KQUEUE_PREFIX = "x-kqueue-"
+"""What kqueue's own headers start with."""
 ATTEMPT = "x-kqueue-attempt"
 """Which run of the handler this is: 1 for the first, 2 for the first retry..."""
 DELIVERIES = "x-kqueue-deliveries"
