@@ -17,7 +17,7 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "connect", "prepare"]
 APPLICATION_ID = 0x6B717565
 #: 1: the tables below, before files carried kqueue's application id. 2: the id, and free pages given back.
 #: 3: delayed messages (`DELAYED`).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 3
 #: How large the write-ahead log may stay once checkpointed (bytes); it grows past this only while needed.
 WAL_LIMIT = 4 << 20
 
@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS delayed (
 CREATE INDEX IF NOT EXISTS delayed_due ON delayed (queue, ready_at);
 """
 #: Messages ever published to each queue, counted in the publish's own transaction: what rates are read from.
+#: Added to files of this schema without a new version: a kqueue that does not know it still opens the file
+#: (and leaves its publishes uncounted), so that workers of both can run on one file during an upgrade.
 TALLIES = """
 CREATE TABLE IF NOT EXISTS tallies (queue TEXT PRIMARY KEY, published INTEGER NOT NULL DEFAULT 0)
 """
@@ -160,7 +162,7 @@ def _kind(db: sqlite3.Connection, path: Path) -> str:
                 f"queue file {path} was made by a newer kqueue (schema {version}; this one knows up to "
                 f"{SCHEMA_VERSION}): upgrade kqueue to use it"
             )
-        return "current" if version == SCHEMA_VERSION else "old"
+        return "current" if version == SCHEMA_VERSION and "tallies" in tables else "old"
     if app == 0 and version == 0 and not tables:
         return "new"
     if app == 0 and version == 1 and tables == _NAMES:

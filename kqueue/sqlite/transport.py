@@ -476,7 +476,7 @@ def queue_stats(conn: Any, queue_name: str) -> tuple[int, int, int]:
 
 
 def published_count(conn: Any, queue_name: str) -> int:
-    """Messages ever published to `queue_name` in this file, delayed ones included (from schema 4 on)."""
+    """Messages published to `queue_name` in this file since it has tallies, delayed ones included."""
     found = _store_of(conn).query("SELECT published FROM tallies WHERE queue = ?", (queue_name,))
     return int(found[0][0]) if found else 0
 
