@@ -197,7 +197,10 @@ def web_command(
     # Connected once here, to fail at once in one line (and to name the default broker); the page declares nothing.
     configure(logging.DEBUG if given["verbose"] else logging.WARNING)
     conn, _ = connect_queue(given["broker_url"], "task_queue", given["queue_type"], declared=False)
-    url = conn.as_uri(include_password=True)
+    # The URL as connected (the default file, a sqlite:// path made absolute), or as given where it names
+    # several nodes of a cluster, which the connection's own URL would reduce to the first.
+    given_url = given["broker_url"] or ""
+    url = given_url if ";" in given_url else conn.as_uri(include_password=True)
     conn.release()
     sock = web.listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

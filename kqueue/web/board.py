@@ -41,8 +41,6 @@ RATE_OVER = 10.0
 DISCOVER_EVERY = 10.0
 #: Dead letters listed per queue; the page says how many more there are.
 DEAD_SHOWN = 100
-#: Seconds a list of dead letters is kept while the dead count stays the same.
-DEAD_KEPT = 10.0
 
 T = TypeVar("T")
 
@@ -147,16 +145,18 @@ class Board:
         self.named = queues
         self.queue_type = queue_type
         self._management_url = management_url
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._conn: Connection | None = None
         self._api: admin.Management | None = None
         self._names: list[str] = list(queues) or [DEFAULT_QUEUE]
         self._looked = 0.0
         self._history: dict[str, deque[_Sample]] = {}
         self._reading: Reading | None = None
-        self._letters: dict[str, tuple[float, int, list[admin.DeadLetter]]] = {}
+        self._letters: dict[str, tuple[int, list[admin.DeadLetter]]] = {}
         self._named: dict[str, str] = {}  # RabbitMQ: connections' own names, by the broker's
         self._chains: dict[str, int] = {}  # RabbitMQ: delayed tasks by queue type, this reading
+        self._listed = False  # a reading has named the queues
+        self._types: dict[str, str] = {}  # RabbitMQ: each queue's type, as last listed
 
     # -- reading -------------------------------------------------------------------------
 
@@ -168,11 +168,14 @@ class Board:
                 return self._reading
             try:
                 with self._connected() as conn:
+                    if self._api is not None:
+                        self._api.available = True  # asked again at each reading, after a failure
                     self._discover(conn, now)
                     self._named = self._management(conn).connection_names() if is_amqp(conn) else {}
                     self._chains = {}
                     rows = tuple(self._row(conn, name, now) for name in self._names)
                 self._reading = Reading(now, rows, delayed_shared=is_amqp(conn))
+                self._listed = True
             except KQueueError as exc:
                 self._reading = Reading(now, (), error=str(exc))
             return self._reading
@@ -184,17 +187,17 @@ class Board:
     def letters(self, name: str) -> tuple[list[admin.DeadLetter], int]:
         """The first `DEAD_SHOWN` dead letters of queue `name`, and how many it holds in all.
 
-        Read again only when the count changed, after an action, or `DEAD_KEPT` seconds on.
+        Read again only when the count changed or after an action: each reading fetches the
+        letters and gives them back, which quorum queues count as a delivery.
         """
-        count = next((row.dead for row in self.read().rows if row.name == name), 0)
         with self._lock:
+            count = next((row.dead for row in self.read().rows if row.name == name), 0)
             kept = self._letters.get(name)
-            now = time.time()
-            if kept is not None and kept[1] == count and now - kept[0] < DEAD_KEPT:
-                return kept[2], count
+            if kept is not None and kept[0] == count:
+                return kept[1], count
             with self._connected() as conn:
                 found = admin.dead_letters(conn, self._queue(name), DEAD_SHOWN) if count else []
-            self._letters[name] = (now, count, found)
+            self._letters[name] = (count, found)
             return found, count
 
     def _discover(self, conn: Connection, now: float) -> None:
@@ -209,9 +212,11 @@ class Board:
         elif is_amqp(conn):
             # A virtual host may hold other applications' queues too: kqueue's are those
             # with dead letters beside them, which a worker declares.
-            listed = self._management(conn).queue_names()
-            if listed is None:
+            types = self._management(conn).queue_types()
+            if types is None:
                 return
+            self._types = types
+            listed = sorted(types)
             names = set(listed)
             found = [name for name in listed if f"{name}{DEAD_SUFFIX}" in names]
         else:
@@ -254,7 +259,7 @@ class Board:
                     int(found.get("messages_unacknowledged", 0)),
                     int(found.get("consumers", 0)),
                     int(found_dead.get("messages", 0)),
-                    int((found.get("message_stats") or {}).get("publish", 0)),
+                    _published(found),
                     tuple(self._consumer(entry) for entry in found.get("consumer_details", [])),
                     self._delayed(conn, queue),
                 )
@@ -313,9 +318,10 @@ class Board:
         return self._act(name, purge)
 
     def _act(self, name: str, action: Callable[[Connection, Queue], T]) -> T:
-        if name not in self._names:
-            raise KQueueError(f"no queue {name!r} on this page")
         with self._lock:
+            # Before the first reading the page has shown no queue: none of them may be acted on.
+            if name not in self._names or not (self.named or self._listed):
+                raise KQueueError(f"no queue {name!r} on this page")
             try:
                 with self._connected() as conn:
                     return action(conn, self._queue(name))
@@ -326,7 +332,9 @@ class Board:
     # -- the connection ------------------------------------------------------------------
 
     def _queue(self, name: str) -> Queue:
-        return task_queue(name, self.queue_type)
+        """Queue `name`, of its type as the broker lists it (else as the page was told)."""
+        kind = self._types.get(name)
+        return task_queue(name, QueueType(kind) if kind in ("classic", "quorum") else self.queue_type)
 
     @contextmanager
     def _connected(self) -> Iterator[Connection]:
@@ -359,6 +367,16 @@ class Board:
             if self._conn is not None:
                 self._conn.release()
                 self._conn = None
+
+
+def _published(found: dict[str, Any]) -> int | None:
+    """What RabbitMQ counts as published to the queue; None where it keeps no count (metrics collection off)."""
+    stats = found.get("message_stats")
+    if stats is None:
+        # A queue nothing was published to yet has no stats either: zero, if the management API collects them.
+        return 0 if "messages" in found and found.get("messages", 0) == 0 else None
+    publish = stats.get("publish")
+    return None if publish is None else int(publish)
 
 
 def _rates(samples: deque[_Sample]) -> list[tuple[float, float, float]]:

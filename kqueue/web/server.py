@@ -25,7 +25,6 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -36,13 +35,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kqueue import __version__
 from kqueue.cli.common import plural
 from kqueue.errors import KQueueError
+from kqueue.web import is_loopback
 from kqueue.web.board import REFRESH, Board, describe_rate, sparkline
 
-__all__ = ["LOOPBACK", "create_app"]
+__all__ = ["create_app"]
 
 HERE = Path(__file__).parent
-#: Host names a loopback-bound page answers to.
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Characters of a task shown in the list; the whole text is a click away, up to `WHOLE_SHOWN`.
 SHORT = 120
 WHOLE_SHOWN = 65536
@@ -66,27 +64,32 @@ def create_app(board: Board, *, token: str | None = None, loopback: bool = True)
         return _render(templates, request, "page.html", {"reading": reading})
 
     async def queues_part(request: Request) -> Response:
+        if (refused := _refused(request, csrf)) is not None:
+            return refused
         reading = await run_in_threadpool(board.read)
         return _render(templates, request, "queues.html", {"reading": reading})
 
     async def dead_part(request: Request) -> Response:
+        # Reading the dead letters fetches them and gives them back: no other site may make the page do it.
+        if (refused := _refused(request, csrf)) is not None:
+            return refused
         name = request.query_params.get("queue", "")
         if name not in board.queue_names():
             return PlainTextResponse(f"no queue {name!r} on this page", status_code=404)
+        error: str | None = None
         try:
             letters, count = await run_in_threadpool(board.letters, name)
         except KQueueError as exc:
-            context: dict[str, Any] = {"name": name, "letters": [], "count": None, "error": str(exc), "seen": ""}
-            return _render(templates, request, "dead.html", context)
-        seen = hashlib.sha256(f"{count} {' '.join(letter.key for letter in letters)}".encode()).hexdigest()[:16]
+            letters, count, error = [], None, str(exc)
+        shown = error if error is not None else f"{count} {' '.join(letter.key for letter in letters)}"
+        seen = hashlib.sha256(shown.encode()).hexdigest()[:16]
         if request.query_params.get("seen") == seen:
             return Response(status_code=204)  # unchanged: htmx leaves the list, and any text opened in it, as it is
-        context = {"name": name, "letters": letters, "count": count, "error": None, "seen": seen}
+        context = {"name": name, "letters": letters, "count": count, "error": error, "seen": seen}
         return _render(templates, request, "dead.html", context)
 
     async def act(request: Request) -> Response:
-        refused = _refused(request, csrf)
-        if refused is not None:
+        if (refused := _refused(request, csrf)) is not None:
             return refused
         form = {key: values[0] for key, values in parse_qs((await request.body()).decode()).items()}
         action, name, key = request.path_params["action"], form.get("queue", ""), form.get("letter")
@@ -103,10 +106,7 @@ def create_app(board: Board, *, token: str | None = None, loopback: bool = True)
         Route("/actions/{action}", act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    middleware = [Middleware(_Guard, token=token)]
-    if loopback:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK)))
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=[Middleware(_Guard, token=token, loopback=loopback)])
     return app
 
 
@@ -138,7 +138,7 @@ def _render(templates: Jinja2Templates, request: Request, name: str, context: di
 
 
 def _refused(request: Request, csrf: str) -> Response | None:
-    """Why a POST is refused (None: it is not): another origin's, or without the page's CSRF token."""
+    """Why a request the page's script makes is refused (None: it is not): another origin's, or without its token."""
     origin = request.headers.get("origin")
     if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
         return PlainTextResponse("refused: a request from another site", status_code=403)
@@ -150,21 +150,28 @@ def _refused(request: Request, csrf: str) -> Response | None:
 class _Guard:
     """Headers that keep the page to itself, and the token where there is one."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, loopback: bool) -> None:
         self.app = app
         self.token = token
+        self.loopback = loopback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request = Request(scope)
+        if self.loopback and not is_loopback(_host_name(request.headers.get("host", ""))):
+            # DNS rebinding: another site's name, pointed at this machine.
+            await PlainTextResponse("refused: this page answers to loopback names only", status_code=400)(
+                scope, receive, send
+            )
+            return
         if self.token is not None:
             given = request.query_params.get("token")
             if given is not None and _same(given, self.token):
                 # Into a cookie, and out of the address bar and the history.
                 response: Response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
-                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                response.set_cookie(_cookie(request), self.token, httponly=True, samesite="strict")
                 await response(scope, receive, send)
                 return
             if not self._carries_token(request):
@@ -194,8 +201,20 @@ class _Guard:
     def _carries_token(self, request: Request) -> bool:
         assert self.token is not None
         bearer = request.headers.get("authorization", "")
-        given = bearer[len("Bearer ") :] if bearer.startswith("Bearer ") else request.cookies.get(COOKIE, "")
+        given = bearer[len("Bearer ") :] if bearer.startswith("Bearer ") else request.cookies.get(_cookie(request), "")
         return _same(given, self.token)
+
+
+def _cookie(request: Request) -> str:
+    """The token's cookie, named after the port: browsers share cookies between the ports of one host."""
+    return f"{COOKIE}_{request.url.port or 80}"
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8181`` is ``::1``."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _same(given: str, secret: str) -> bool:

@@ -99,7 +99,10 @@ def test_an_action_needs_the_page_s_csrf_token_and_its_origin(tmp_path: Path) ->
         # A queue that is not on the page
         status, said = post(purge, "queue=other", {"X-KQueue-CSRF": token})
         assert status == 200 and "no queue 'other' on this page" in html.unescape(said)
-        assert get(f"{web.url}parts/dead?queue=other")[0] == 404
+        assert get(f"{web.url}parts/dead?queue=other", {"X-KQueue-CSRF": token})[0] == 404
+        # Reading the dead letters gives them back to the broker: not for a request of another site's
+        assert get(f"{web.url}parts/dead?queue=jobs")[0] == 403
+        assert get(f"{web.url}parts/queues")[0] == 403
 
         # Then nothing was purged; with the token from the page itself, it is
         assert "keep me" in run_tool_stat(url)
@@ -212,11 +215,11 @@ def test_rabbitmq_s_delayed_tasks_are_counted_from_the_management_api_until_they
     name = unique("web-delayed")
     board = Board(amqp_url, (name,))
     try:
-        # Longer than the management API takes to update its counts (every 5 s)
-        assert run_send(amqp_url, name, "--delay", "10", "later").returncode == 0
+        # Longer than the management API takes to update its counts (every 5 s), with room to see it
+        assert run_send(amqp_url, name, "--delay", "15", "later").returncode == 0
 
         # While it waits in the chain, the page counts it; once due, it is in the queue
-        assert wait_for(lambda: (board.read().rows[0].delayed or 0) >= 1, timeout=10, message="delayed")
+        assert wait_for(lambda: (board.read().rows[0].delayed or 0) >= 1, timeout=14, message="delayed")
         wait_for(lambda: board.read().rows[0].ready == 1, timeout=20, message="the delayed task in its queue")
     finally:
         board.close()
