@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from benchmarks import plain_sqlite, plumbing
+from benchmarks import embedded, plain_sqlite, plumbing
 from benchmarks.core import Config, Figure, Row, Step, Target
 from kqueue.brokers import mask
 
@@ -114,8 +115,58 @@ def figure(config: Config) -> Figure:
         texts = [body.decode() for body in plumbing.bodies(config.count(N // (P1_DIVISOR if prefetch == 1 else 1)))]
         return {f"plain_p{prefetch}": len(texts) / plain_sqlite.work(Path(config.plain_db), texts, prefetch)}
 
+    def embedded_run(side: str, action: str) -> dict[str, float]:
+        """Huey or persist-queue draining (or enqueueing) as many tasks as kqueue-work does at prefetch 1."""
+        assert config.plain_db is not None
+        n = count("kq", SETUPS[0])
+        path = str(Path(config.plain_db).with_name(f"{side}.db"))
+        for leftover in Path(path).parent.glob(f"{side}.db*"):  # persist-queue's is a folder
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        command = [plumbing.PYTHON, "-m", "benchmarks.embedded", side]
+        if action == "drain":
+            plumbing.check(plumbing.run_timed([*command, "fill", path, str(n)]), f"{side}: filling")
+        run = plumbing.check(plumbing.run_timed([*command, action, path, str(n)]), f"{side} {action}")
+        return {f"{side}_{action}": n / run.seconds}
+
+    def kq_send() -> dict[str, float]:
+        """kqueue-send --file of as many tasks, whole process, as the embedded queues' enqueues are timed."""
+        assert config.plain_db is not None
+        n = count("kq", SETUPS[0])
+        lines = Path(config.plain_db).with_name("tasks.txt")
+        lines.write_text("".join(f"task {index}\n" for index in range(n)))
+        name = plumbing.fresh_name("work-send")
+        try:
+            argv = plumbing.kqueue_argv("kqueue-send", config.url, name, config.queue_type, "--file", str(lines))
+            run = plumbing.check(plumbing.run_timed(argv), "kqueue-send --file")
+        finally:
+            plumbing.delete_queues(config.url, name)
+        return {"kq_send": n / run.seconds}
+
     if config.sqlite:
-        return _sqlite_figure(config, empty, work, plain, count)
+        figure = _sqlite_figure(config, empty, work, plain, count)
+        sides = embedded.available()
+        names = {"huey": "Huey SqliteHuey consumer (-w 1, fsync)", "persist": "persist-queue SQLiteAckQueue"}
+        if sides:
+            figure.steps.append(Step("kqueue-send --file", kq_send))
+        for side in sides:
+            figure.steps += [
+                Step(f"{names[side]}, drain", partial(embedded_run, side, "drain")),
+                Step(f"{names[side]}, enqueue", partial(embedded_run, side, "send")),
+            ]
+            target = Target("ratio>=", 1.2) if side == "huey" else None
+            short = "Huey" if side == "huey" else "persist-queue"
+            figure.rows += [
+                Row(f"work: p1 vs {short} (whole process)", "msg/s", "kq_p1", f"{side}_drain", target),
+                Row(f"send: kqueue-send --file vs {short}", "msg/s", "kq_send", f"{side}_send"),
+            ]
+        figure.notes.append(
+            f"embedded queues (whole process, {count('kq', SETUPS[0])} no-op tasks): Huey's consumer, one worker "
+            "thread, fsync=True, deletes a task as it dequeues it; persist-queue's SQLiteAckQueue keeps it until "
+            "the ack, as kqueue does; each commits every enqueue, where kqueue-send commits 500 at a time"
+            if sides
+            else "Huey and persist-queue baselines: pip install -e '.[bench]'"
+        )
+        return figure
     steps = [Step("kqueue-work, empty queue", lambda: empty("kq")), Step("raw, empty queue", lambda: empty("raw"))]
     rows = [Row("work: start-up, empty queue", "s", "kq_empty_s", "raw_empty_s")]
     for setup in SETUPS:
