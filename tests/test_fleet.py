@@ -454,8 +454,10 @@ def children(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether any thread of `pid` has yet to exit: its files (and their locks) go with the last one."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+        return any((thread / "stat").read_text().rpartition(")")[2].split()[0] != "Z" for thread in threads)
     except OSError:
         return False
 
