@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_URL",
+    "buffered",
     "confirms",
     "connect",
     "default_url",
@@ -33,6 +36,7 @@ __all__ = [
     "open_connection",
     "read_ahead",
     "read_arrived",
+    "read_frames",
     "watch_blocked",
     "where",
 ]
@@ -313,6 +317,8 @@ def open_connection(conn: Connection, *, timeout: float = CONNECT_TIMEOUT) -> Co
 
 
 _HEARTBEAT = 8  # the AMQP frame type
+_FRAME_HEADER = 7  # octets before a frame's payload: type, channel, size; one frame-end octet after it
+_frame_size = struct.Struct(">I").unpack_from
 #: Bytes asked of the socket at a time: a small delivery is three frames of
 #: about 150 bytes in all, and py-amqp would read each in two recv() calls.
 READ_AHEAD = 4096
@@ -347,7 +353,11 @@ def has_arrived(conn: Connection) -> bool:
 
 def has_read(conn: Connection) -> bool:
     """Whether bytes already read off the socket wait to be handled: what select() cannot see."""
-    amqp = conn.connection
+    return buffered(conn.connection)
+
+
+def buffered(amqp: Any) -> bool:
+    """`has_read` of a py-amqp connection (`Connection.connection`), for callers that keep it at hand."""
     if getattr(amqp.transport, "_read_buffer", None):
         return True  # read ahead, not yet dispatched
     pending = getattr(amqp.sock, "pending", None)  # TLS: decrypted, not yet read
@@ -362,17 +372,50 @@ def read_arrived(conn: Connection) -> None:
     as nothing else comes. Here a frame cut in two is waited for (briefly:
     the rest is on its way), but nothing that has not been sent.
     """
-    amqp = conn.connection
+    read_frames(conn.connection)
+
+
+def read_frames(amqp: Any) -> None:
+    """`read_arrived` of a py-amqp connection (`Connection.connection`), for callers that keep it at hand."""
+    if _whole_frames_read(amqp):
+        return
     transport = amqp.transport
     try:
         with transport.having_timeout(1.0):
             while True:
                 frame = transport.read_frame()
                 complete = amqp.on_inbound_frame(frame)
-                if (complete or frame[0] == _HEARTBEAT) and not has_arrived(conn):
+                # What is on the socket but not read yet, the next select() sees: no call for it here.
+                if (complete or frame[0] == _HEARTBEAT) and not buffered(amqp):
                     return
     except TimeoutError:
         pass  # py-amqp keeps the part of a frame it read for the next call
+
+
+def _whole_frames_read(amqp: Any) -> bool:
+    """Read what the socket holds without waiting and dispatch its whole frames; whether no part of one is left.
+
+    The common case, a delivery in one segment, costs one recv() and none of
+    the socket timeout's set and reset (two system calls) or its poll().
+    A frame cut in two is left to `read_frames`'s timed reads; so is TLS,
+    whose sockets take no flags.
+    """
+    transport = amqp.transport
+    sock = transport.sock
+    if isinstance(sock, ssl.SSLSocket) or not hasattr(transport, "_read_buffer"):
+        return False
+    try:
+        data = sock.recv(READ_AHEAD, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):  # woken for nothing: read what is buffered
+        data = None
+    if data == b"":
+        raise ConnectionError("Server unexpectedly closed connection")  # py-amqp's own words for it
+    buffer = transport._read_buffer + data if data else transport._read_buffer
+    transport._read_buffer = buffer
+    while len(buffer) >= _FRAME_HEADER + 1 and len(buffer) >= _FRAME_HEADER + 1 + _frame_size(buffer, 3)[0]:
+        amqp.on_inbound_frame(transport.read_frame())
+        buffer = transport._read_buffer
+    return not buffer
 
 
 def watch_blocked(conn: Connection, on_blocked: Callable[[str], None], on_unblocked: Callable[[], None]) -> None:

@@ -421,8 +421,8 @@ def test_the_pool_runs_tasks_shrinks_back_after_growing_and_ends_every_thread() 
     mailbox = Mailbox()
     ledger, _ = amqp_ledger()
     release = threading.Event()
-    pool = Pool(1, lambda text: release.wait(5), mailbox, lambda task: None, lambda task: None)
     baseline = threading.active_count()
+    pool = Pool(1, lambda text: release.wait(5), mailbox, lambda task: None, lambda task: None)
 
     # Given two orphaned tasks still running, the pool grown by two for them
     pool.grow(2)
@@ -437,7 +437,7 @@ def test_the_pool_runs_tasks_shrinks_back_after_growing_and_ends_every_thread() 
 
     # When it shuts down, every thread it started ends
     pool.shutdown()
-    wait_for(lambda: threading.active_count() == baseline - 1, message="every pool thread ended")
+    wait_for(lambda: threading.active_count() == baseline, message="every pool thread ended")
     mailbox.close()
 
 

@@ -70,7 +70,8 @@ class Dispatcher:
         self.held = HeldRetries()
         self.ledger = Ledger(coalesce=False, early=False, io=threading.Lock())
         self.ledger.close()  # no channel yet
-        self._pool = pool
+        #: Where a task goes to run: the pool's threads, or a queue the connection thread runs itself.
+        self.submit: Callable[[Task], None] = pool.submit
         self._owner = owner
         self._outbox: Outbox | None = None
         self._copies_connection: Callable[[], Connection] | None = None
@@ -143,8 +144,9 @@ class Dispatcher:
     def _start(self, task: Task) -> None:
         self.inflight[id(task)] = task
         self.lifecycle.started += 1
-        log.debug("task received", extra=task.facts(queue=self.queue.name))
-        self._pool.submit(task)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task received", extra=task.facts(queue=self.queue.name))
+        self.submit(task)
         if self.lifecycle.quota_reached:
             self._owner.stop_taking()
 
@@ -175,6 +177,30 @@ class Dispatcher:
             for task in done:
                 log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
         return True
+
+    def settle_here(self, task: Task) -> bool:
+        """`settle` of the one task the connection thread ran itself; quicker when it succeeded."""
+        if task.error is not None or not task.on_current_channel or task.acked:
+            return self.settle([task])
+        del self.inflight[id(task)]
+        self.ledger.ack_one(task)
+        self.tasks_acked += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
+        return True
+
+    def tend(self, *, consuming: bool) -> None:
+        """Ack originals whose copies are confirmed, start retries now due, fit prefetch to what waits here.
+
+        A no-op, and a quick one, while nothing waits: no copy, no held retry, prefetch as set.
+        """
+        prefetch = self._prefetch
+        if self._outbox is None and not self.held and (prefetch is None or prefetch.now == prefetch.count):
+            return
+        self.settle_copies()
+        self.release_due_retries()
+        if consuming:
+            self.update_prefetch()
 
     def _failed(self, task: Task) -> None:
         assert task.error is not None

@@ -12,7 +12,10 @@ class Hooks:
 
     Hooks on the handler's thread may take their time (they delay that task
     only); those on the connection thread must be quick, since heartbeats and
-    acks wait for them.
+    acks wait for them. One task at a time (concurrency 1, prefetch 1), the
+    handler's thread is the connection thread, and the connection thread's
+    hooks run on the keeper's thread while a task runs long
+    (`kqueue.worker.inline`).
     """
 
     def on_task_start(self, task: Task) -> None:

@@ -24,13 +24,14 @@ from kqueue.queues import dead_letter_queue, messages_ready
 from kqueue.worker.acks import Ledger
 from kqueue.worker.dispatch import Dispatcher
 from kqueue.worker.hooks import Hooks
+from kqueue.worker.inline import Adopt, Keeper
 from kqueue.worker.lifecycle import DrainCheck, Lifecycle, Phase
 from kqueue.worker.mailbox import Mailbox
 from kqueue.worker.pool import Pool
 from kqueue.worker.qos import Prefetch
 from kqueue.worker.reconnect import Backoff, report_loss
 from kqueue.worker.settings import WorkerSettings
-from kqueue.worker.task import Registered
+from kqueue.worker.task import Registered, Task
 from kqueue.worker.waiting import Waiter, waiter_for
 
 __all__ = ["Worker"]
@@ -80,13 +81,21 @@ class Worker(ConsumerMixin, Hooks):
         self.settings = (settings or WorkerSettings()).validate()
         self.lifecycle = Lifecycle(self.settings)
         self._mailbox = Mailbox()
+        # Held by the connection thread except while it waits in select() or runs a task
+        # itself: a handler thread that gets it may ack its own task on the idle connection,
+        # and the keeper takes it to answer the broker while a task runs long.
+        self._io = threading.Lock()
         self._pool = Pool(self.settings.concurrency, handler, self._mailbox, self.on_task_start, self.on_task_done)
+        # One task at a time: `run` runs each on the connection thread (`kqueue.worker.inline`).
+        self._keeper: Keeper | None = None
+        if self.settings.concurrency == 1 and self.settings.prefetch_count == 1:
+            self._keeper = Keeper(self._io, self._serve_while, self._adopt)
+        self._here: deque[Task] = deque()  # tasks for the connection thread to run, in that mode
         self.dispatcher = Dispatcher(
             self.settings, self.lifecycle, self._pool, (queue, dead_letter_queue(queue)), self, tasks or {}
         )
-        # Held by the connection thread except while it waits in select(): a
-        # handler thread that gets it may ack its own task on the idle connection.
-        self._io = threading.Lock()
+        self._ended = threading.Event()
+        self._failures: list[BaseException] = []  # of the connection thread, raised by run()
         self._arrivals: deque[Message] = deque()
         self._conn: Connection | None = None
         self._consumer: Any = None
@@ -140,6 +149,8 @@ class Worker(ConsumerMixin, Hooks):
             self._stop_consuming(not_started=False)
 
     def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
         self._pool.shutdown()
         self._mailbox.close()
 
@@ -225,9 +236,37 @@ class Worker(ConsumerMixin, Hooks):
     def run(self, _tokens: int = 1, **kwargs: Any) -> None:
         """Consume until stopped, reconnecting whenever the broker goes away.
 
+        A worker of one task at a time runs its tasks on the connection thread,
+        which is then a thread of its own: this one waits for the worker to end,
+        and returns at the end of the grace even while a handler is still stuck.
+
         Raises:
             QueueMismatch: the queue exists with other arguments; fatal.
         """
+        if self._keeper is None:
+            self._run()
+            return
+        self.dispatcher.submit = self._here.append
+        self._ended.clear()
+        self._failures.clear()
+        threading.Thread(target=self._run_and_end, name="kqueue-connection", daemon=True).start()
+        self._ended.wait()
+        if self._failures:
+            raise self._failures[0]
+
+    def _run_and_end(self, loss: BaseException | None = None) -> None:
+        """`_run` on a thread of its own, its failure kept for `run` to raise; after `loss`, if one was met."""
+        try:
+            if loss is not None:
+                self._lost(loss, orphans_here=True)
+            if not self.should_stop:
+                self._run()
+        except BaseException as exc:  # noqa: BLE001 - raised again on the thread that called run()
+            self._failures.append(exc)
+        finally:
+            self._ended.set()
+
+    def _run(self) -> None:
         try:
             while not self.should_stop:
                 try:
@@ -240,6 +279,7 @@ class Worker(ConsumerMixin, Hooks):
         finally:
             self._consuming = False
             self._arrivals.clear()
+            self._here.clear()
             self.dispatcher.abandon()
 
     @property
@@ -254,6 +294,10 @@ class Worker(ConsumerMixin, Hooks):
             with self.consumer_context(**kwargs):
                 while not self.should_stop:
                     self._step()
+                    if self._here:
+                        self._run_here()
+                        if self.should_stop:  # the keeper ended the worker while a task ran
+                            break
                     if self._finished():
                         self.should_stop = True
                         self.dispatcher.give_back_everything()
@@ -272,14 +316,59 @@ class Worker(ConsumerMixin, Hooks):
         dispatcher = self.dispatcher
         if self.lifecycle.asked:
             self._stop_seen()
-        while self._arrivals:
-            dispatcher.accept(self._arrivals.popleft())
-        if dispatcher.settle(self._mailbox.take()):
+        arrivals = self._arrivals
+        while arrivals:
+            dispatcher.accept(arrivals.popleft())
+        if self._mailbox.has_mail() and dispatcher.settle(self._mailbox.take()):
             self._backoff.reset()  # the connection works: a new loss starts backing off afresh
-        dispatcher.settle_copies()
-        dispatcher.release_due_retries()
-        if self._consuming:
-            dispatcher.update_prefetch()
+        dispatcher.tend(consuming=self._consuming)
+
+    def _run_here(self) -> None:
+        """Run the tasks ready to run on this, the connection thread; ack each once its handler returned."""
+        keeper = self._keeper
+        assert keeper is not None
+        while self._here and not self.should_stop:
+            task = self._here.popleft()
+            if not task.claim():  # cancelled: given back, or its channel is gone
+                continue
+            keeper.begin(task)
+            try:
+                self._pool.run_here(task)
+            finally:
+                handed = keeper.end(task, self._mailbox.post)
+            if not handed and self.dispatcher.settle_here(task):
+                self._backoff.reset()
+
+    def _serve_while(self, task: Task) -> None:
+        """On the keeper's thread, holding the connection: the loop, while `task` runs on the connection thread."""
+        log.debug("task runs long: its connection is kept by another thread meanwhile", extra=task.facts())
+        keeper = self._keeper
+        assert keeper is not None
+        try:
+            while keeper.running is task and not self.should_stop:
+                self._step()
+                if self._finished():  # stopped, and the grace is over: the task goes back unfinished
+                    self.should_stop = True
+                    self.dispatcher.give_back_everything()
+                    self.dispatcher.close_outbox()
+                    if keeper.running is task:  # its handler is stuck: run() returns without waiting for it
+                        self._ended.set()
+                    return
+                self._wait()
+                self.on_turn()
+        except self._recoverable as exc:
+            raise Adopt(exc) from None
+
+    def _adopt(self, loss: BaseException) -> None:
+        """On the keeper's thread: the connection was lost while a task ran long; reconnect here, and stay.
+
+        From now on tasks run on handler threads: the connection thread of
+        before still runs its task, whose channel is gone (its end is logged,
+        and the broker delivers it again), and then waits for good.
+        """
+        self.dispatcher.submit = self._pool.submit
+        self._here.clear()
+        self._run_and_end(loss)
 
     def _stop_seen(self) -> bool:
         """Act on a stop asked since the last look (by a signal, another thread); whether stopping."""
@@ -343,14 +432,17 @@ class Worker(ConsumerMixin, Hooks):
 
     # -- losing the connection -------------------------------------------------------
 
-    def _lost(self, exc: BaseException) -> None:
+    def _lost(self, exc: BaseException, *, orphans_here: bool = False) -> None:
+        """Report a lost connection and back off; `orphans_here`: the running task is not on a pool thread."""
         mismatch = queue_mismatch(exc)
         if mismatch is not None:
             raise mismatch from None
         self._consuming = False
         self._arrivals.clear()
+        self._here.clear()
         running = self.dispatcher.abandon()
-        self._pool.grow(len(running))
+        if not orphans_here:
+            self._pool.grow(len(running))
         self.on_connection_lost(exc)
         what = "channel" if isinstance(exc, self.connection.channel_errors) else "connection"
         report_loss(

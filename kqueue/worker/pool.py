@@ -13,13 +13,16 @@ from kqueue.worker.aio import EventLoop
 from kqueue.worker.mailbox import Mailbox
 from kqueue.worker.task import Task, run_handler
 
-__all__ = ["Pool"]
+__all__ = ["Hook", "Pool", "run_task"]
 
 Hook = Callable[[Task], None]
 
 
 class Pool:
     """Daemon threads that run handlers, so a hard stop does not wait for a handler.
+
+    They start with the first task: a worker that runs its tasks on the
+    connection thread (`run_here`, `kqueue.worker.inline`) has none.
 
     A handler (or function task) that returns a coroutine has it run to its
     end on the pool's event loop (`kqueue.worker.aio`) while its thread waits.
@@ -45,7 +48,7 @@ class Pool:
         self._surplus = 0
         self._names = itertools.count()
         self._coroutines = EventLoop()
-        self._start(size)
+        self._wanted = size  # threads to start with the first task
 
     def _start(self, count: int) -> None:
         with self._lock:
@@ -60,7 +63,14 @@ class Pool:
             return self._size
 
     def submit(self, task: Task) -> None:
+        if self._wanted:
+            self._start(self._wanted)
+            self._wanted = 0
         self._jobs.put(task)
+
+    def run_here(self, task: Task) -> None:
+        """Run a claimed task on the calling thread: the connection thread of a worker of one task at a time."""
+        run_task(task, self._handler, self._coroutines, self._on_start, self._on_done)
 
     def grow(self, count: int) -> None:
         """Add threads for tasks whose channel is gone but whose handlers still run.
@@ -97,20 +107,25 @@ class Pool:
             self._size -= 1
 
     def _run(self, task: Task) -> None:
-        task.started = time.monotonic()
         try:
-            self._on_start(task)
-            if task.call is None:
-                run_handler(self._handler(task.text), self._coroutines)
-            else:
-                task.call.run(self._coroutines)
-        except BaseException as exc:  # noqa: BLE001 - any failure of the handler is the task's
-            task.error = exc
-        task.duration = time.monotonic() - task.started
-        task.finish()
-        try:
-            self._on_done(task)
+            run_task(task, self._handler, self._coroutines, self._on_start, self._on_done)
         finally:
             if task.error is None:
                 task.ledger.ack_early(task)
             self._mailbox.post(task)
+
+
+def run_task(task: Task, handler: Handler, coroutines: EventLoop, on_start: Hook, on_done: Hook) -> None:
+    """Run a claimed task's handler between its hooks, on the calling thread; what it raises is the task's error."""
+    task.started = time.monotonic()
+    try:
+        on_start(task)
+        if task.call is None:
+            run_handler(handler(task.text), coroutines)
+        else:
+            task.call.run(coroutines)
+    except BaseException as exc:  # noqa: BLE001 - any failure of the handler is the task's
+        task.error = exc
+    task.duration = time.monotonic() - task.started
+    task.finish()
+    on_done(task)

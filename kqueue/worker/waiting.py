@@ -14,7 +14,7 @@ from typing import Any
 
 from kombu import Connection
 
-from kqueue.brokers import has_read, is_amqp, read_arrived
+from kqueue.brokers import buffered, is_amqp, read_frames
 from kqueue.worker.mailbox import Mailbox
 
 __all__ = ["Waiter", "waiter_for"]
@@ -86,11 +86,13 @@ class AmqpWaiter(Waiter):
         self.io = io
         self.copies = copies
         self.next_heartbeat = 0.0
+        self.amqp = conn.connection  # py-amqp's, for this connection's life (each connection gets its waiter)
 
     def wait(self, timeout: float, *, room: int) -> bool:
         conn = self.conn
-        sock = conn.connection.sock
-        if has_read(conn):
+        amqp = self.amqp
+        sock = amqp.sock
+        if buffered(amqp):
             ready: list[Any] = [sock]
         else:
             copies = self.copies()
@@ -103,7 +105,7 @@ class AmqpWaiter(Waiter):
         if self.mailbox.fd in ready:
             self.mailbox.clear()
         if sock in ready:
-            read_arrived(conn)
+            read_frames(amqp)
         now = time.monotonic()
         if now >= self.next_heartbeat:
             conn.heartbeat_check()

@@ -83,31 +83,56 @@ def test_every_task_is_acked_once_whether_its_handler_thread_or_the_connection_t
     assert [record.getMessage() for record in caplog.records] == []
 
 
-def test_a_worker_started_on_a_waiting_task_takes_it_at_once(broker_queue: tuple[str, object]) -> None:
+def stamped_lines(url: str, queue: str, *options: str) -> list[tuple[str, float]]:
+    """Run ``kqueue-work`` to its end (give it --max-tasks); each line it printed, with when it came."""
     import subprocess
     import time
 
     from .procs import ROOT, tool
 
-    url, queue = broker_queue
-    name = queue.name  # type: ignore[attr-defined]
-    # Given a task waiting in the queue before any worker runs
-    assert run_send(url, name, "waiting").returncode == 0
-
-    # When a worker starts
-    stamps = {}
+    stamps: list[tuple[str, float]] = []
     with subprocess.Popen(
-        [tool("kqueue-work"), "--broker", url, "--queue", name, "--max-tasks", "1", "--dot-seconds", "0"],
+        [tool("kqueue-work"), "--broker", url, "--queue", queue, *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:  # the worker ends after its one task, and so does its output
-            stamps.setdefault(line.split("'")[0].strip(), time.monotonic())
-        assert proc.wait(30) == 0
+        for line in proc.stdout:  # the worker ends after its tasks, and so does its output
+            stamps.append((line.strip(), time.monotonic()))
+        assert proc.wait(60) == 0
+    return stamps
+
+
+def test_a_worker_started_on_a_waiting_task_takes_it_at_once(broker_queue: tuple[str, object]) -> None:
+    url, queue = broker_queue
+    name = queue.name  # type: ignore[attr-defined]
+    # Given a task waiting in the queue before any worker runs
+    assert run_send(url, name, "waiting").returncode == 0
+
+    # When a worker starts
+    stamps = dict(reversed(stamped_lines(url, name, "--max-tasks", "1", "--dot-seconds", "0")))
 
     # Then it starts the task within 100 ms of saying it waits: it looks before it first waits
-    waited = stamps["[x] Received"] - stamps["[*] Waiting for messages. To exit press CTRL+C"]
+    waited = stamps["[x] Received 'waiting'"] - stamps["[*] Waiting for messages. To exit press CTRL+C"]
     assert waited < 0.1, f"the first task started {waited:.3f} s after the worker said it was waiting"
+
+
+def test_the_task_after_a_long_one_starts_at_once(broker_queue: tuple[str, object]) -> None:
+    url, queue = broker_queue
+    name = queue.name  # type: ignore[attr-defined]
+    # Given tasks long enough for a second thread to take the connection over, each with a short one after it
+    pairs = 5
+    for _ in range(pairs):
+        assert run_send(url, name, "long...").returncode == 0
+        assert run_send(url, name, "short").returncode == 0
+
+    # When one worker does them all
+    stamps = stamped_lines(url, name, "--max-tasks", str(2 * pairs), "--dot-seconds", "0.1")
+
+    # Then each short one starts within 100 ms of the long one's end: the connection is handed back at once
+    lines = [line for line, _ in stamps[1:]]
+    assert lines == ["[x] Received 'long...'", "[x] Done", "[x] Received 'short'", "[x] Done"] * pairs, lines
+    gaps = [stamps[i + 1][1] - stamps[i][1] for i in range(2, len(stamps), 4)]
+    assert max(gaps) < 0.1, f"a task started {max(gaps):.3f} s after the long one before it was done: {gaps}"
