@@ -34,7 +34,7 @@ class Setup:
 
 
 SETUPS = [
-    Setup("p1", "prefetch 1", 1, 1, P1_DIVISOR, 0.9, "p1"),
+    Setup("p1", "prefetch 1", 1, 1, P1_DIVISOR, 0.95, "p1"),
     Setup("p100c1", "prefetch 100 conc 1", 100, 1, 1, 0.85, "p100 c1"),
     Setup("p100c4", "prefetch 100 conc 4", 100, 4, 1, 0.85, "p100 c4"),
 ]
