@@ -171,22 +171,14 @@ class Dispatcher:
                 self._failed(task)
         if not done:
             return False
-        self.ledger.ack(done)
+        if len(done) == 1:
+            self.ledger.ack_one(done[0])  # one task at a time: the common case, quickly
+        else:
+            self.ledger.ack(done)
         self.tasks_acked += len(done)
         if log.isEnabledFor(logging.INFO):
             for task in done:
                 log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
-        return True
-
-    def settle_here(self, task: Task) -> bool:
-        """`settle` of the one task the connection thread ran itself; quicker when it succeeded."""
-        if task.error is not None or not task.on_current_channel or task.acked:
-            return self.settle([task])
-        del self.inflight[id(task)]
-        self.ledger.ack_one(task)
-        self.tasks_acked += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info("task done", extra=task.facts(queue=self.queue.name, duration=f"{task.duration:.3f}"))
         return True
 
     def tend(self, *, consuming: bool) -> None:

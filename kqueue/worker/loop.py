@@ -336,7 +336,7 @@ class Worker(ConsumerMixin, Hooks):
                 self._pool.run_here(task)
             finally:
                 handed = keeper.end(task, self._mailbox.post)
-            if not handed and self.dispatcher.settle_here(task):
+            if not handed and self.dispatcher.settle([task]):
                 self._backoff.reset()
 
     def _serve_while(self, task: Task) -> None:
