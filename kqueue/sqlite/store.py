@@ -145,12 +145,12 @@ class Store:
             with self.transaction(doing="fetch") as db:
                 self._write_pending(db, owner)
                 looked = self._move_due(db, queue, now)
-                if by_turn and self._not_my_turn(db, owner, queue, now):
+                if by_turn and self._ahead(db, owner, queue, now):
                     rows = []
                 else:
                     rows = self._claim(db, owner, queue, limit)
-                if by_turn and rows:
-                    self._to_the_back(db, owner, queue, now, waiting=len(rows) < limit)
+                if by_turn:  # to the back of the line if it took any; waiting while it has room
+                    self._took(db, owner, queue, now, turn=bool(rows), waiting=len(rows) < limit)
                 if len(rows) < limit and not looked:  # about to wait: know how long for
                     self._look_due(db, queue)
         except StoreUnavailable as exc:
@@ -196,12 +196,8 @@ class Store:
         return min(self._next_due.values(), default=math.inf) - time.time()
 
     @staticmethod
-    def _not_my_turn(db: sqlite3.Connection, owner: str, queue: str, now: float) -> bool:
-        """Mark this consumer waiting; whether another waiting consumer of `queue` comes before it."""
-        db.execute(
-            "UPDATE consumers SET waiting = 1, looked = ? WHERE owner = ? AND queue = ?",
-            (now, owner, queue),
-        )
+    def _ahead(db: sqlite3.Connection, owner: str, queue: str, now: float) -> bool:
+        """Whether another consumer of `queue`, waiting and looking, comes before this one."""
         ahead = db.execute(
             "SELECT 1 FROM consumers WHERE queue = ? AND owner != ? AND waiting = 1 AND looked > ? "
             "AND turn < (SELECT MIN(turn) FROM consumers WHERE owner = ? AND queue = ?) LIMIT 1",
@@ -210,13 +206,19 @@ class Store:
         return ahead is not None
 
     @staticmethod
-    def _to_the_back(db: sqlite3.Connection, owner: str, queue: str, now: float, *, waiting: bool) -> None:
-        """To the back of the line; still waiting if it has room for more."""
-        db.execute(
-            "UPDATE consumers SET turn = (SELECT MAX(turn) + 1 FROM consumers WHERE queue = ?), "
-            "waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
-            (queue, int(waiting), now, owner, queue),
-        )
+    def _took(db: sqlite3.Connection, owner: str, queue: str, now: float, *, turn: bool, waiting: bool) -> None:
+        """Say this consumer looked now, and whether it waits; with `turn`, it took rows: to the back of the line."""
+        if turn:
+            db.execute(
+                "UPDATE consumers SET turn = (SELECT MAX(turn) + 1 FROM consumers WHERE queue = ?), "
+                "waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
+                (queue, int(waiting), now, owner, queue),
+            )
+        else:
+            db.execute(
+                "UPDATE consumers SET waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
+                (int(waiting), now, owner, queue),
+            )
 
     def delete(self, ids: Iterable[int], lazy: bool = False) -> None:
         """Ack: delete the rows, now or, if `lazy`, with the next fetch or before the next wait.
