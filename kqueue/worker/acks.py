@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from kqueue.brokers import ack_up_to
 from kqueue.logs import fields
 from kqueue.worker.task import Task
 
@@ -85,7 +86,7 @@ class Ledger:
             covered.add(tag)
         if covered:
             # Every delivery up to the last of them is done: one ack with multiple=True covers them.
-            finished[max(covered)].message.ack(multiple=True)
+            ack_up_to(finished[max(covered)].message)
             for tag in covered:
                 del self._outstanding[tag]
         for task in done:
@@ -99,7 +100,7 @@ class Ledger:
         tag = task.delivery_tag
         if self.open and next(iter(self._outstanding), None) == tag:
             # The common case: it is the oldest, so it acks all before it.
-            task.message.ack(multiple=True)
+            ack_up_to(task.message)
             del self._outstanding[tag]
             task.acked = True
         else:
