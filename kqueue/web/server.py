@@ -54,7 +54,7 @@ def create_app(board: Board, *, token: str | None = None, loopback: bool = True)
     # Autoescaped, always: a task's text is text, whatever it holds.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     templates = Jinja2Templates(env=env)
-    templates.env.filters.update(rate=describe_rate, n=_count, utc=_utc, short=_short, whole=_whole)
+    templates.env.filters.update(rate=describe_rate, n=_count, utc=_utc, short=_short, whole=_whole, plural=plural)
     templates.env.globals.update(
         csrf=csrf, broker=board.shown_url, version=__version__, refresh=REFRESH, sparkline=sparkline
     )
