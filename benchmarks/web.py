@@ -9,6 +9,7 @@ page's, whatever shows it.
 
 from __future__ import annotations
 
+import html
 import re
 import subprocess
 import threading
@@ -44,6 +45,14 @@ class OpenPage:
         if address is None:
             raise RuntimeError("kqueue web did not say where it listens")
         self.parts = [f"{address}parts/queues", f"{address}parts/dead?queue={queue}"]
+        # htmx sends the page's CSRF token with every refresh of its parts: so does this reader.
+        from kqueue.web.server import CSRF_HEADER  # the web extra's: only this figure needs it
+
+        with urllib.request.urlopen(address, timeout=10) as reply:
+            token = re.search(r'"X-KQueue-CSRF": "([^"]+)"', html.unescape(reply.read().decode()))
+        if token is None:
+            raise RuntimeError("kqueue web's page holds no CSRF token")
+        self.headers = {CSRF_HEADER: token.group(1)}
         self.reads = 0
         self._stop = threading.Event()
         self._read_once = threading.Event()
@@ -56,7 +65,7 @@ class OpenPage:
     def _read(self) -> None:
         while not self._stop.is_set():
             for part in self.parts:
-                with urllib.request.urlopen(part, timeout=10) as reply:
+                with urllib.request.urlopen(urllib.request.Request(part, headers=self.headers), timeout=10) as reply:
                     if reply.status not in (200, 204):
                         raise RuntimeError(f"{part}: {reply.status}")
                     reply.read()

@@ -26,7 +26,7 @@ def _run(results: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.broker
 def test_benchmarks_run_at_a_tiny_scale(amqp_url: str, tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    done = _run(results, "--broker", amqp_url, "--only", "send,work,tasks")
+    done = _run(results, "--broker", amqp_url, "--only", "send,work,tasks,web")
 
     assert done.returncode == 0, done.stderr
     assert HEADER in done.stdout
