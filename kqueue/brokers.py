@@ -344,9 +344,9 @@ def ack_up_to(message: Any) -> None:
     Raises:
         What Kombu's ack raises for a closed connection, or the socket's error.
     """
-    channel: Any = getattr(message, "channel", None)  # a test's stand-in may have none
-    connection = getattr(channel, "connection", None)
-    if not isinstance(connection, amqp.Connection) or connection._transport is None or message.acknowledged:
+    channel = message.channel
+    connection = channel.connection if isinstance(channel, amqp.Channel) else None
+    if connection is None or connection._transport is None or message.acknowledged:
         message.ack(multiple=True)  # another transport's, or a closed connection's, or acked already: Kombu's way
         return
     connection._transport.write(_ACK_MULTIPLE.pack(1, channel.channel_id, 13, 60, 80, message.delivery_tag, 1, 0xCE))

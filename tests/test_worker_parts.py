@@ -31,6 +31,7 @@ class FakeMessage:
     delivery_info: dict[str, Any] = field(default_factory=dict)
     body: Any = "text"
     fail_with: BaseException | None = None
+    channel: Any = None  # no broker's channel: acks go through `ack` below
 
     def ack(self, multiple: bool = False) -> None:
         if self.fail_with is not None:
