@@ -208,17 +208,11 @@ class Store:
     @staticmethod
     def _took(db: sqlite3.Connection, owner: str, queue: str, now: float, *, turn: bool, waiting: bool) -> None:
         """Say this consumer looked now, and whether it waits; with `turn`, it took rows: to the back of the line."""
-        if turn:
-            db.execute(
-                "UPDATE consumers SET turn = (SELECT MAX(turn) + 1 FROM consumers WHERE queue = ?), "
-                "waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
-                (queue, int(waiting), now, owner, queue),
-            )
-        else:
-            db.execute(
-                "UPDATE consumers SET waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
-                (int(waiting), now, owner, queue),
-            )
+        db.execute(
+            "UPDATE consumers SET turn = CASE WHEN ? THEN (SELECT MAX(turn) + 1 FROM consumers WHERE queue = ?) "
+            "ELSE turn END, waiting = ?, looked = ? WHERE owner = ? AND queue = ?",
+            (int(turn), queue, int(waiting), now, owner, queue),
+        )
 
     def delete(self, ids: Iterable[int], lazy: bool = False) -> None:
         """Ack: delete the rows, now or, if `lazy`, with the next fetch or before the next wait.
